@@ -1,0 +1,84 @@
+"""Methods: one file each. ``METHODS`` maps a method name to its ``MethodSpec``; other methods register here."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .base import (AdapterLayer, MethodSpec, adapter_layers, find_targets, resolve_target_patterns, set_module,
+                   unwrap)
+from .lora import LORA, LoRALinear, lora_scaling
+
+METHODS: dict[str, MethodSpec] = {"lora": LORA}
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    METHODS[spec.name] = spec
+    return spec
+
+
+def get_method(name: str) -> MethodSpec:
+    _import_methods()
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; allowed: {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def _import_methods() -> None:
+    """Methods in their own files register themselves on import."""
+    import importlib
+
+    for mod in ("gplora", "geolora", "rotational_pissa"):
+        try:
+            importlib.import_module(f"{__name__}.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{mod}":
+                raise
+
+
+def apply_adapters(model: nn.Module, peft_cfg: Any, method_cfg: Any = None, method: str = "lora",
+                   model_type: str | None = None) -> dict[str, AdapterLayer]:
+    """The one generic entry: replace every target module with the method's layer; freeze everything else."""
+    spec = get_method(method)
+    patterns = resolve_target_patterns(peft_cfg.get("target_set"), peft_cfg.get("lora_target_modules"),
+                                       model_type or getattr(getattr(model, "config", None), "model_type", None))
+    names = find_targets(model, patterns)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = {}
+    for name in names:
+        layer = spec.make_layer(model.get_submodule(name), peft_cfg, method_cfg)
+        set_module(model, name, layer)
+        layers[name] = layer
+    return layers
+
+
+def apply_lora(model: nn.Module, config: Any) -> dict[str, LoRALinear]:
+    """The seed's API: LoRA on the modules the config selects (a dict or DictConfig with PEFT's field names)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(dict(config)) if not hasattr(config, "get") or isinstance(config, dict) else config
+    return apply_adapters(model, cfg, None, "lora")
+
+
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and put the plain base modules back (in place)."""
+    root = unwrap(model)
+    for name, layer in adapter_layers(root).items():
+        layer.merge()
+        set_module(root, name, layer.base)
+    return root
+
+
+merge_lora = merge_adapters
+
+
+def get_adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for layer in adapter_layers(model).values() for p in layer.parameters() if p.requires_grad]
+
+
+get_lora_parameters = get_adapter_parameters
+
+__all__ = ["AdapterLayer", "MethodSpec", "METHODS", "LoRALinear", "apply_adapters", "apply_lora", "merge_adapters",
+           "merge_lora", "get_adapter_parameters", "get_lora_parameters", "adapter_layers", "register_method",
+           "get_method", "lora_scaling", "unwrap"]

@@ -1,0 +1,149 @@
+"""The embedded default: GSM8K-style synthetic word problems, a byte-level BPE tokenizer and a tiny Llama that
+peftlab makes and briefly pretrains itself, so `python run_exp.py` needs no download.
+
+Everything is deterministic and cached under ``$PEFTLAB_CACHE`` (default ``~/.cache/peftlab``) in a folder named
+by a version key; a file lock makes concurrent processes (torchrun ranks, array tasks) build it once.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import random
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..utils import atomic_dir, atomic_write_text
+
+VERSION = "arith-v1"
+SPLIT_SIZES = {"train": 2048, "validation": 256, "test": 256}
+SPLIT_SEEDS = {"train": 0, "validation": 1, "test": 2}
+TINY_MODEL = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, vocab_size=512, tie_word_embeddings=False)
+PRETRAIN_STEPS, PRETRAIN_BATCH, PRETRAIN_LR = 600, 32, 3e-3
+
+NAMES = ["Tom", "Anna", "Ben", "Mia", "Leo", "Zoe", "Sam", "Eva", "Max", "Ivy"]
+ITEMS = ["apples", "pens", "books", "cards", "coins", "shells", "stickers", "marbles"]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PEFTLAB_CACHE", Path.home() / ".cache" / "peftlab"))
+
+
+def make_problem(rng: random.Random) -> dict:
+    """One word problem in GSM8K's schema: the answer reasons in a line and ends in '#### N'."""
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    kind = rng.randrange(4)
+    a, b = rng.randint(2, 20), rng.randint(2, 20)
+    if kind == 0:
+        q = f"{name} has {a} {item}. {name} buys {b} more. How many {item} does {name} have now?"
+        steps, n = f"{a} + {b} = {a + b}", a + b
+    elif kind == 1:
+        a, b = max(a, b) + 1, min(a, b)
+        q = f"{name} has {a} {item} and gives away {b}. How many {item} are left?"
+        steps, n = f"{a} - {b} = {a - b}", a - b
+    elif kind == 2:
+        a, b = a % 9 + 2, b % 9 + 2
+        q = f"{name} buys {a} bags with {b} {item} in each bag. How many {item} does {name} buy?"
+        steps, n = f"{a} * {b} = {a * b}", a * b
+    else:
+        c = rng.randint(1, a + b - 1)
+        q = f"{name} has {a} {item}, finds {b} more and then loses {c}. How many {item} does {name} have?"
+        steps, n = f"{a} + {b} - {c} = {a + b - c}", a + b - c
+    return {"question": q, "answer": f"{name} has {steps} {item}.\n#### {n}"}
+
+
+def pretrain_text(rng: random.Random) -> str:
+    """Related text for pretraining: the same problems with a plain-sentence answer (no '#### N' line), and sums."""
+    p = make_problem(rng)
+    reasoning, final = p["answer"].split("\n#### ")
+    if rng.random() < 0.3:
+        a, b = rng.randint(0, 40), rng.randint(0, 40)
+        return f"{a} + {b} = {a + b}. {max(a, b)} - {min(a, b)} = {max(a, b) - min(a, b)}."
+    return f"Q: {p['question']}\nA: {reasoning} The answer is {final}."
+
+
+@contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def ensure_dataset() -> Path:
+    """The folder holding train/validation/test .jsonl files (GSM8K schema: question, answer)."""
+    root = cache_root() / VERSION / "data"
+    if (root / "test.jsonl").exists():
+        return root
+    with _locked(cache_root() / f"{VERSION}.lock"):
+        if not (root / "test.jsonl").exists():
+            with atomic_dir(root) as tmp:
+                for split, n in SPLIT_SIZES.items():
+                    rng = random.Random(SPLIT_SEEDS[split])
+                    rows = [json.dumps(make_problem(rng)) for _ in range(n)]
+                    (tmp / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<s>", "</s>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   padding_side="right")
+
+
+def ensure_model() -> Path:
+    """The folder of the pretrained tiny Llama and its tokenizer (``from_pretrained``-loadable)."""
+    root = cache_root() / VERSION / "tiny-llama"
+    if (root / "config.json").exists():
+        return root
+    with _locked(cache_root() / f"{VERSION}.lock"):
+        if not (root / "config.json").exists():
+            with atomic_dir(root) as tmp:
+                _build_model(tmp)
+    return root
+
+
+def _build_model(out: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    rng = random.Random(1234)
+    corpus = [pretrain_text(rng) for _ in range(PRETRAIN_STEPS * PRETRAIN_BATCH // 4)]
+    tok = train_tokenizer(corpus + [make_problem(rng)["answer"] for _ in range(500)], TINY_MODEL["vocab_size"])
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**TINY_MODEL, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LR, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * (1 - s / PRETRAIN_STEPS))
+    model.train()
+    for step in range(PRETRAIN_STEPS):
+        texts = [corpus[(step * PRETRAIN_BATCH + i) % len(corpus)] + tok.eos_token for i in range(PRETRAIN_BATCH)]
+        enc = tok(texts, return_tensors="pt", padding=True)
+        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+        loss = model(**enc, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    model.config.peftlab_pretrain_loss = round(float(loss), 4)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    atomic_write_text(out / "README.md", f"peftlab's embedded tiny Llama ({VERSION}); final pretraining loss "
+                                         f"{float(loss):.3f} after {PRETRAIN_STEPS} steps.\n")
