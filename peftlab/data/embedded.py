@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..utils import atomic_dir, atomic_write_text
 
-VERSION = "arith-v1"
+VERSION = "arith-v2"
 SPLIT_SIZES = {"train": 2048, "validation": 256, "test": 256}
 SPLIT_SEEDS = {"train": 0, "validation": 1, "test": 2}
 TINY_MODEL = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -53,14 +53,15 @@ def make_problem(rng: random.Random) -> dict:
     return {"question": q, "answer": f"{name} has {steps} {item}.\n#### {n}"}
 
 
-def pretrain_text(rng: random.Random) -> str:
-    """Related text for pretraining: the same problems with a plain-sentence answer (no '#### N' line), and sums."""
+def pretrain_text(rng: random.Random) -> tuple[str, str]:
+    """Related text for pretraining, as (prompt, continuation) tokenised apart as fine-tuning does: the same problems
+    in the "Q: ...\nA: " format with a plain-sentence answer (no '#### N' line), and sums."""
     p = make_problem(rng)
     reasoning, final = p["answer"].split("\n#### ")
     if rng.random() < 0.3:
         a, b = rng.randint(0, 40), rng.randint(0, 40)
-        return f"{a} + {b} = {a + b}. {max(a, b)} - {min(a, b)} = {max(a, b) - min(a, b)}."
-    return f"Q: {p['question']}\nA: {reasoning} The answer is {final}."
+        return "", f"{a} + {b} = {a + b}. {max(a, b)} - {min(a, b)} = {max(a, b) - min(a, b)}."
+    return f"Q: {p['question']}\nA: ", f"{reasoning} The answer is {final}."
 
 
 @contextmanager
@@ -124,7 +125,10 @@ def _build_model(out: Path) -> None:
 
     rng = random.Random(1234)
     corpus = [pretrain_text(rng) for _ in range(PRETRAIN_STEPS * PRETRAIN_BATCH // 4)]
-    tok = train_tokenizer(corpus + [make_problem(rng)["answer"] for _ in range(500)], TINY_MODEL["vocab_size"])
+    tok = train_tokenizer([a + b for a, b in corpus] + [make_problem(rng)["answer"] for _ in range(500)],
+                          TINY_MODEL["vocab_size"])
+    seqs = [tok(a)["input_ids"] + tok(b, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            for a, b in corpus]
     torch.manual_seed(0)
     cfg = LlamaConfig(**TINY_MODEL, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)
@@ -133,17 +137,18 @@ def _build_model(out: Path) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * (1 - s / PRETRAIN_STEPS))
     model.train()
     for step in range(PRETRAIN_STEPS):
-        texts = [corpus[(step * PRETRAIN_BATCH + i) % len(corpus)] + tok.eos_token for i in range(PRETRAIN_BATCH)]
-        enc = tok(texts, return_tensors="pt", padding=True)
-        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-        loss = model(**enc, labels=labels).loss
+        batch = [seqs[(step * PRETRAIN_BATCH + i) % len(seqs)] for i in range(PRETRAIN_BATCH)]
+        n = max(map(len, batch))
+        ids = torch.tensor([s + [tok.pad_token_id] * (n - len(s)) for s in batch])
+        mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in batch])
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-    model.config.peftlab_pretrain_loss = round(float(loss), 4)
+    loss = float(loss.detach())
     model.save_pretrained(out)
     tok.save_pretrained(out)
     atomic_write_text(out / "README.md", f"peftlab's embedded tiny Llama ({VERSION}); final pretraining loss "
-                                         f"{float(loss):.3f} after {PRETRAIN_STEPS} steps.\n")
+                                         f"{loss:.3f} after {PRETRAIN_STEPS} steps.\n")

@@ -1,0 +1,147 @@
+"""Datasets: rows from the hub, a local json/jsonl/parquet file or the embedded task; prompt formatting; tokenising
+with the loss on the answer tokens only; a cache keyed by everything that changes the result."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..utils import stable_hash
+
+LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+TOKENIZE_VERSION = 1
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # -100 on prompt tokens
+
+    @property
+    def n_targets(self) -> int:
+        return sum(1 for t in self.labels[1:] if t != -100)  # the first token is never predicted
+
+
+def _source(ds_cfg: Any, split: str) -> tuple[str, Path | None]:
+    """(description, local file or None) for a dataset config and split."""
+    path = str(ds_cfg.path)
+    if path.startswith("embedded:"):
+        from .embedded import ensure_dataset
+
+        if path != "embedded:arith":
+            raise ValueError(f"unknown embedded dataset {path!r}; allowed: ['embedded:arith']")
+        return f"embedded {split}", ensure_dataset() / f"{split}.jsonl"
+    suffix = Path(path).suffix.lower()
+    if suffix in LOCAL_SUFFIXES or os.sep in path and Path(path).exists():
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"dataset file {p} does not exist (dataset.path; allowed: a hub name or a local "
+                                    f"{'/'.join(LOCAL_SUFFIXES)} file)")
+        if p.suffix.lower() not in LOCAL_SUFFIXES:
+            raise ValueError(f"dataset file {p} has an unsupported type; allowed: {sorted(LOCAL_SUFFIXES)}")
+        return str(p), p
+    return f"{path}:{ds_cfg.get('subset')}:{split}", None
+
+
+def load_rows(ds_cfg: Any, split: str) -> tuple[list[dict], str]:
+    """Raw rows of one split and a description of where they came from."""
+    import datasets
+
+    desc, local = _source(ds_cfg, split)
+    if local is not None:
+        ds = datasets.load_dataset(LOCAL_SUFFIXES[local.suffix.lower()], data_files=str(local), split="train")
+    else:
+        ds = datasets.load_dataset(str(ds_cfg.path), ds_cfg.get("subset"), split=split)
+    return [dict(r) for r in ds], desc
+
+
+def format_row(row: dict, ds_cfg: Any, index: int, source: str) -> tuple[str, str]:
+    """(prompt, response) of one row; a missing field fails naming the row and the expected fields."""
+    q_field, r_field, in_field = ds_cfg.query_field, ds_cfg.response_field, ds_cfg.get("input_field")
+    for f in (q_field, r_field):
+        if f not in row or row[f] is None:
+            raise ValueError(f"{source}: row {index} has no field {f!r}; expected fields {q_field!r} and "
+                             f"{r_field!r} (dataset '{ds_cfg.name}'), found {sorted(row)}")
+    query = str(row[q_field])
+    if in_field and row.get(in_field):
+        query = f"{query}\n{row[in_field]}"
+    return ds_cfg.prompt.format(query=query), str(row[r_field])
+
+
+def tokenize(prompt: str, response: str, tokenizer, max_length: int) -> Example | None:
+    """Prompt and response are tokenised separately so the label boundary is exact; EOS ends the response."""
+    p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = (p + r)[:max_length]
+    labels = ([-100] * len(p) + r)[:max_length]
+    if all(t == -100 for t in labels[1:]):
+        return None  # the prompt alone fills max_length: nothing to learn from
+    return Example(ids, labels)
+
+
+def _cache_key(ds_cfg: Any, split: str, tokenizer, max_length: int, n: int | None) -> str:
+    from omegaconf import OmegaConf
+
+    _, local = _source(ds_cfg, split)
+    stat = (local.stat().st_size, local.stat().st_mtime_ns, str(local.resolve())) if local else None
+    return stable_hash({"ds": OmegaConf.to_container(ds_cfg, resolve=True) if not isinstance(ds_cfg, dict) else ds_cfg,
+                        "split": split, "file": stat, "max_length": max_length, "n": n,
+                        "tok": [tokenizer.name_or_path, type(tokenizer).__name__, len(tokenizer),
+                                tokenizer.eos_token_id, tokenizer("Q: 12 + 3\nA: ")["input_ids"]],
+                        "v": TOKENIZE_VERSION})
+
+
+def tokenized_split(ds_cfg: Any, split: str, tokenizer, max_length: int, n: int | None = None) -> list[Example]:
+    """Tokenised examples of the first n rows of one split, cached on disk."""
+    from .embedded import cache_root
+
+    key = _cache_key(ds_cfg, split, tokenizer, max_length, n)
+    cache = cache_root() / "tokenized" / f"{ds_cfg.name}-{split}-{key}.pt"
+    if cache.exists():
+        return [Example(*e) for e in torch.load(cache)]
+    rows, source = load_rows(ds_cfg, split)
+    if n is not None:
+        rows = rows[:n]
+    examples = []
+    for i, row in enumerate(rows):
+        ex = tokenize(*format_row(row, ds_cfg, i, source), tokenizer, max_length)
+        if ex is not None:
+            examples.append(ex)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".tmp{os.getpid()}")
+    torch.save([(e.input_ids, e.labels) for e in examples], tmp)
+    os.replace(tmp, cache)
+    return examples
+
+
+def train_eval_examples(ds_cfg: Any, tokenizer, max_length: int) -> tuple[list[Example], list[Example]]:
+    """Train examples (first max_train_samples) and eval examples (eval_split, or held out from the train end)."""
+    n_eval = int(ds_cfg.get("eval_samples") or 0)
+    if ds_cfg.get("eval_split"):
+        train = tokenized_split(ds_cfg, ds_cfg.split, tokenizer, max_length, ds_cfg.get("max_train_samples"))
+        evals = tokenized_split(ds_cfg, ds_cfg.eval_split, tokenizer, max_length, n_eval or None)
+        return train, evals
+    rows_total = tokenized_split(ds_cfg, ds_cfg.split, tokenizer, max_length, None)
+    cut = len(rows_total) - n_eval
+    if cut <= 0:
+        raise ValueError(f"dataset '{ds_cfg.name}' has {len(rows_total)} usable rows, not more than "
+                         f"eval_samples={n_eval}; lower dataset.eval_samples or give dataset.eval_split")
+    train = rows_total[:cut][: ds_cfg.get("max_train_samples") or None]
+    return train, rows_total[cut:]
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch; labels are -100 on padding."""
+    n = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), n), dtype=torch.long)
+    for i, e in enumerate(examples):
+        k = len(e.input_ids)
+        ids[i, :k] = torch.tensor(e.input_ids)
+        labels[i, :k] = torch.tensor(e.labels)
+        mask[i, :k] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

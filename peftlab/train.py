@@ -1,0 +1,458 @@
+"""The training loop: HF accelerate for processes and devices, a plain loop of our own for everything else.
+
+The trainer knows no method: it calls the method's optimizer factory, extra loss and after-step hook.
+Batching: a global batch of ``model.real_batch_size`` examples per optimizer step, split into micro-batches of
+``model.per_device_batch_size`` over processes and accumulation steps. The loss is the mean token loss over the
+whole global batch (summed token losses / the global count of target tokens), so the gradient is the same for any
+split of the batch over processes and micro-batches.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from .adapters import adapter_layers, apply_adapters, get_method, unwrap
+from .config import resolve_config
+from .data.datasets import Example, collate, train_eval_examples
+from .export import save_merged, save_peft_adapter
+from .init import InitContext, get_init
+from .models import load_model_and_tokenizer
+from .utils import atomic_dir, atomic_write_json, atomic_write_text
+
+CHECKPOINT = "checkpoint"
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+# ---- pieces ----------------------------------------------------------------------------------------------------------
+def make_accelerator(cfg: DictConfig):
+    from accelerate import Accelerator
+
+    # Without cpu=True, two CPU processes would train without gradient sync; so be explicit about the CPU.
+    on_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    bf16 = bool(cfg.model.bf16) and not on_cpu and torch.cuda.is_bf16_supported()
+    return Accelerator(cpu=on_cpu, mixed_precision="bf16" if bf16 else "no")
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over target tokens, in fp32."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+                           reduction="sum")
+
+
+def lr_lambda(cfg: DictConfig, total_steps: int):
+    warmup = cfg.model.warmup
+    warmup_steps = int(round(warmup * total_steps)) if warmup < 1 else int(warmup)
+    kind = cfg.train.scheduler
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return max(0.0, 1 - progress) if kind == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def build_optimizer(cfg: DictConfig, spec, model, params):
+    opt = spec.make_optimizer(model, params, cfg.train, cfg.method)
+    if opt is not None:
+        return opt
+    kwargs = dict(lr=cfg.model.lr, weight_decay=cfg.model.weight_decay, betas=tuple(cfg.train.adam_betas),
+                  eps=cfg.train.adam_eps)
+    if cfg.train.optimizer == "precond_adamw":
+        from .optim.precond import PrecondAdamW
+
+        return PrecondAdamW(model, params, prec_reg=cfg.model.prec_reg, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def global_batch(n_examples: int, batch: int, step: int, seed: int) -> list[int]:
+    """Example indices of the optimizer step's global batch: a fresh permutation each epoch, last partial dropped."""
+    per_epoch = n_examples // batch
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return perm[k * batch:(k + 1) * batch].tolist()
+
+
+def micro_batches(indices: list[int], per_device: int, rank: int, world: int) -> list[list[int]]:
+    """This process's micro-batches: chunk j of the global batch goes to process j % world."""
+    chunks = [indices[i:i + per_device] for i in range(0, len(indices), per_device)]
+    return chunks[rank::world]
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, accelerator, model, optimizer, scheduler, state: dict) -> None:
+    """Atomic: every process writes into a temporary folder, the main process renames it over the old one."""
+    final = run_dir / CHECKPOINT
+    tmp = run_dir / f".{CHECKPOINT}.tmp"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        torch.save({n: l.adapter_state() for n, l in adapter_layers(model).items()}, tmp / "adapters.pt")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with atomic_dir(final) as staged:
+            for f in tmp.iterdir():
+                os.replace(f, staged / f.name)
+        tmp.rmdir()
+    accelerator.wait_for_everyone()
+
+
+def load_adapters(model, folder: Path) -> None:
+    states = torch.load(folder / "adapters.pt", weights_only=False)
+    layers = adapter_layers(model)
+    if set(states) != set(layers):
+        raise ValueError(f"checkpoint {folder} holds adapters for other modules than this run's targets: "
+                         f"{sorted(set(states) ^ set(layers))[:5]}")
+    for name, layer in layers.items():
+        layer.load_adapter_state(states[name])
+
+
+class MetricsLog:
+    """metrics.jsonl (one object per logged step) on the main process; wandb when enabled."""
+
+    def __init__(self, path: Path, enabled: bool, wandb_run=None):
+        self.path, self.enabled, self.wandb_run = path, enabled, wandb_run
+        self.fh = None
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop lines a killed run wrote after its last checkpoint (and any torn last line)."""
+        if not (self.enabled and self.path.exists()):
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                break
+        atomic_write_text(self.path, "".join(k + "\n" for k in keep))
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        if self.fh is None:
+            self.fh = open(self.path, "a")
+        self.fh.write(json.dumps(row) + "\n")
+        self.fh.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+
+
+def init_wandb(cfg: DictConfig, run_dir: Path):
+    if cfg.wandb.mode == "disabled":
+        return None
+    import wandb
+
+    return wandb.init(project=cfg.wandb.project, name=cfg.wandb.name, entity=cfg.wandb.entity,
+                      group=cfg.wandb.group, tags=list(cfg.wandb.tags or []) + [cfg.method.name, cfg.init.name],
+                      mode=cfg.wandb.mode, dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=True),
+                      resume="allow", id=_wandb_id(run_dir))
+
+
+def _wandb_id(run_dir: Path) -> str:
+    """One wandb run per run folder, so a resumed (requeued) run continues the same curve."""
+    path = run_dir / "wandb_id.txt"
+    if not path.exists():
+        import wandb
+
+        atomic_write_text(path, wandb.util.generate_id())
+    return path.read_text().strip()
+
+
+class StopSignal:
+    """SLURM sends a signal before the time limit (sbatch --signal); we checkpoint at the next step and requeue."""
+
+    def __init__(self):
+        self.received = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. some notebook runners)
+                pass
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+
+def requeue_slurm_job() -> bool:
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID")
+    job_id = (f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job
+              else os.environ.get("SLURM_JOB_ID"))
+    if not job_id:
+        return False
+    import subprocess
+
+    return subprocess.run(["scontrol", "requeue", job_id], check=False).returncode == 0
+
+
+# ---- evaluation ------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model, examples: list[Example], pad_id: int, batch: int, accelerator) -> float:
+    """Mean token loss over the eval set, each process taking a strided shard."""
+    model.eval()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    shard = examples[rank::world]
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    for i in range(0, len(shard), batch):
+        b = {k: v.to(accelerator.device) for k, v in collate(shard[i:i + batch], pad_id).items()}
+        with accelerator.autocast():
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        total[0] += token_loss_sum(logits, b["labels"]).double()
+        total[1] += (b["labels"][:, 1:] != -100).sum()
+    total = accelerator.reduce(total, reduction="sum")
+    model.train()
+    return float(total[0] / total[1].clamp(min=1))
+
+
+# ---- the run ---------------------------------------------------------------------------------------------------------
+def train(cfg: DictConfig) -> dict:
+    """Train one run as configured; returns the summary (also written to run_dir/summary.json)."""
+    cfg = resolve_config(cfg)
+    t_start = time.time()
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = make_accelerator(cfg)
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    m = cfg.model
+    per_step_micro = m.real_batch_size // m.per_device_batch_size
+    if per_step_micro % world:
+        raise ValueError(f"model.real_batch_size {m.real_batch_size} / per_device_batch_size "
+                         f"{m.per_device_batch_size} = {per_step_micro} micro-batches per step cannot be shared "
+                         f"by {world} processes; make it a multiple of {world}")
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    model, tokenizer, model_path = load_model_and_tokenizer(m)
+    train_ex, eval_ex = train_eval_examples(cfg.dataset, tokenizer, m.max_length)
+    if len(train_ex) < m.real_batch_size:
+        raise ValueError(f"dataset '{cfg.dataset.name}' ({cfg.dataset.path}) has {len(train_ex)} usable training "
+                         f"examples, fewer than one global batch (model.real_batch_size={m.real_batch_size})")
+    spec = get_method(cfg.method.name)
+    apply_adapters(model, cfg.peft, cfg.method, cfg.method.name)
+    model.to(accelerator.device)
+    layers = adapter_layers(model)
+    if m.get("gradient_checkpointing") or cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+
+    ckpt_dir = run_dir / CHECKPOINT
+    resuming = bool(cfg.resume) and (ckpt_dir / "trainer_state.json").exists()
+    init_metrics = {}
+    if resuming:
+        load_adapters(model, ckpt_dir)
+    else:
+        init_metrics = get_init(cfg.init.name).run(InitContext(model, layers, cfg, train_ex, tokenizer.pad_token_id,
+                                                               accelerator, run_dir))
+        layers = adapter_layers(model)  # an init may rebuild layers (e.g. per-layer ranks)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+    optimizer = build_optimizer(cfg, spec, model, params)
+
+    steps_per_epoch = len(train_ex) // m.real_batch_size
+    total_steps = int(m.epochs * steps_per_epoch)
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, int(cfg.train.max_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    eval_every = max(1, int(round(m.eval_epochs * steps_per_epoch))) if m.eval_epochs else 0
+
+    state = {"step": 0, "wall_time_s": 0.0, "tokens": 0, "initial_eval_loss": None, "last_eval_loss": None,
+             "init_metrics": init_metrics}
+    if resuming:
+        optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", weights_only=False))
+        scheduler.load_state_dict(torch.load(ckpt_dir / "scheduler.pt", weights_only=False))
+        state = json.loads((ckpt_dir / "trainer_state.json").read_text())
+        set_rng_state(torch.load(ckpt_dir / f"rng_{rank}.pt", weights_only=False))
+
+    ddp_model = accelerator.prepare(model) if world > 1 else model
+    wandb_run = init_wandb(cfg, run_dir) if main else None
+    log = MetricsLog(run_dir / "metrics.jsonl", main, wandb_run)
+    if resuming:
+        log.truncate_after(state["step"])
+    elif main:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    stop = StopSignal()
+    pad_id = tokenizer.pad_token_id
+    save_every = int(cfg.train.save_every or 0)
+
+    def checkpoint():
+        state["wall_time_s"] += time.time() - t_seg[0]
+        t_seg[0] = time.time()
+        save_checkpoint(run_dir, accelerator, model, optimizer, scheduler, state)
+
+    t_seg = [time.time()]
+    if state["initial_eval_loss"] is None and eval_ex and eval_every:
+        state["initial_eval_loss"] = state["last_eval_loss"] = evaluate(ddp_model, eval_ex, pad_id,
+                                                                         m.per_device_batch_size, accelerator)
+        log.log({"step": 0, "eval/loss": state["initial_eval_loss"], **init_metrics})
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=state["step"], disable=not main, desc=f"{cfg.method.name}/{cfg.init.name}",
+               dynamic_ncols=True)
+    ddp_model.train()
+    recent = []
+    while state["step"] < total_steps:
+        step = state["step"]
+        indices = global_batch(len(train_ex), m.real_batch_size, step, cfg.seed)
+        n_targets = sum(train_ex[i].n_targets for i in indices)  # known to every process: no communication
+        micros = micro_batches(indices, m.per_device_batch_size, rank, world)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        extra_total = 0.0
+        for j, idx in enumerate(micros):
+            b = {k: v.to(accelerator.device) for k, v in collate([train_ex[i] for i in idx], pad_id).items()}
+            sync = j == len(micros) - 1
+            with (accelerator.no_sync(ddp_model) if (world > 1 and not sync) else _null()):
+                with accelerator.autocast():
+                    logits = ddp_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                    lsum = token_loss_sum(logits, b["labels"])
+                    # DDP averages gradients over processes, hence * world
+                    loss = lsum * (world / n_targets)
+                    extra = spec.extra_loss(unwrap(ddp_model))
+                    if extra is not None:
+                        loss = loss + extra / len(micros)
+                        extra_total += float(extra) / len(micros)
+                loss.backward()
+            loss_sum += lsum.detach().double()
+        loss_sum = accelerator.reduce(loss_sum, reduction="sum")
+        train_loss = float(loss_sum) / n_targets
+        if not math.isfinite(train_loss):
+            bar.close()
+            log.close()
+            kept = f"the last good checkpoint is {ckpt_dir}" if ckpt_dir.exists() else "no checkpoint was saved yet"
+            raise NonFiniteLoss(f"train loss is {train_loss} at step {step + 1}; stopped before the update, "
+                                f"{kept}. Lower model.lr, enable train.max_grad_norm, or check the data.")
+        grad_norm = None
+        if cfg.train.max_grad_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params_of(optimizer), cfg.train.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        hook_metrics = spec.after_step(unwrap(ddp_model), optimizer, step + 1)
+        state["step"] = step + 1
+        state["tokens"] += n_targets
+        recent = (recent + [train_loss])[-10:]
+        row = {"step": step + 1, "epoch": (step + 1) / steps_per_epoch, "train/loss": train_loss,
+               "lr": scheduler.get_last_lr()[0], **hook_metrics}
+        if grad_norm is not None:
+            row["train/grad_norm"] = grad_norm
+        if extra_total:
+            row["train/extra_loss"] = extra_total
+        if eval_every and (state["step"] % eval_every == 0 or state["step"] == total_steps) and eval_ex:
+            state["last_eval_loss"] = row["eval/loss"] = evaluate(ddp_model, eval_ex, pad_id,
+                                                                  m.per_device_batch_size, accelerator)
+        if state["step"] % cfg.train.log_every == 0 or "eval/loss" in row:
+            log.log(row)
+        state["last_train_loss"] = sum(recent) / len(recent)
+        bar.update(1)
+        bar.set_postfix(loss=f"{train_loss:.4f}", refresh=False)
+        got_signal = _any_process(accelerator, stop.received is not None)
+        if (save_every and state["step"] % save_every == 0) or state["step"] == total_steps or got_signal:
+            checkpoint()
+        if got_signal and state["step"] < total_steps:
+            bar.close()
+            log.close()
+            requeued = main and requeue_slurm_job()
+            print(f"peftlab: stop signal received; checkpoint saved at step {state['step']} in {ckpt_dir}"
+                  f"{' and the job requeued' if requeued else ''}; continue with resume=true", flush=True)
+            raise SystemExit(0)
+    bar.close()
+    if total_steps == 0 or not (ckpt_dir / "trainer_state.json").exists():
+        checkpoint()
+    state["wall_time_s"] += time.time() - t_seg[0]
+
+    summary = {
+        "method": cfg.method.name, "init": cfg.init.name, "model": str(m.name), "dataset": cfg.dataset.name,
+        "steps": state["step"], "epochs": m.epochs, "final_train_loss": state.get("last_train_loss"),
+        "initial_eval_loss": state["initial_eval_loss"], "final_eval_loss": state["last_eval_loss"],
+        "trainable_params": n_trainable, "train_time_s": round(state["wall_time_s"], 3),
+        "wall_time_s": round(time.time() - t_start, 3), "target_tokens": state["tokens"],
+        "target_tokens_per_s": round(state["tokens"] / max(state["wall_time_s"], 1e-9), 1),
+        "processes": world, "seed": cfg.seed, "run_dir": str(run_dir),
+    }
+    if main:
+        save_peft_adapter(model, run_dir / "adapter", base_model_name_or_path=model_path,
+                          extra={"method": cfg.method.name, "init": cfg.init.name})
+        tokenizer.save_pretrained(run_dir / "adapter")
+        if m.saving:
+            save_merged(model, tokenizer, run_dir / "merged")
+        atomic_write_json(run_dir / "summary.json", summary)
+        line = summary_line(summary)
+        atomic_write_text(run_dir / "summary.txt", line + "\n")
+        print(line, flush=True)
+        log.close()
+        if wandb_run is not None:
+            wandb_run.summary.update({k: v for k, v in summary.items() if v is not None})
+            wandb_run.finish()
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def summary_line(s: dict) -> str:
+    ev = (f"eval_loss {s['initial_eval_loss']:.4f} -> {s['final_eval_loss']:.4f}"
+          if s["final_eval_loss"] is not None else "eval_loss n/a")
+    tl = f"{s['final_train_loss']:.4f}" if s["final_train_loss"] is not None else "n/a"
+    return (f"peftlab: method={s['method']} init={s['init']} model={s['model']} data={s['dataset']} "
+            f"steps={s['steps']} train_loss={tl} {ev} params={s['trainable_params']} "
+            f"time={s['wall_time_s']:.1f}s run_dir={s['run_dir']}")
+
+
+def params_of(optimizer) -> list[torch.Tensor]:
+    return [p for g in optimizer.param_groups for p in g["params"]]
+
+
+def _any_process(accelerator, flag: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
