@@ -260,15 +260,15 @@ def train(cfg: DictConfig) -> dict:
         raise ValueError(f"model.real_batch_size {m.real_batch_size} / per_device_batch_size "
                          f"{m.per_device_batch_size} = {per_step_micro} micro-batches per step cannot be shared "
                          f"by {world} processes; make it a multiple of {world}")
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-
     model, tokenizer, model_path = load_model_and_tokenizer(m)
     train_ex, eval_ex = train_eval_examples(cfg.dataset, tokenizer, m.max_length)
     if len(train_ex) < m.real_batch_size:
         raise ValueError(f"dataset '{cfg.dataset.name}' ({cfg.dataset.path}) has {len(train_ex)} usable training "
                          f"examples, fewer than one global batch (model.real_batch_size={m.real_batch_size})")
+    # seeded after loading: building the embedded model on first use must not change this run's randomness
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
     spec = get_method(cfg.method.name)
     apply_adapters(model, cfg.peft, cfg.method, cfg.method.name)
     model.to(accelerator.device)
