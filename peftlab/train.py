@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ from .data.datasets import Example, collate, train_eval_examples
 from .export import save_merged, save_peft_adapter
 from .init import InitContext, get_init
 from .models import load_model_and_tokenizer
-from .utils import atomic_dir, atomic_write_json, atomic_write_text
+from .utils import atomic_dir, atomic_write_json, atomic_write_text, recover_dir
 
 CHECKPOINT = "checkpoint"
 
@@ -117,7 +118,8 @@ def save_checkpoint(run_dir: Path, accelerator, model, optimizer, scheduler, sta
     tmp = run_dir / f".{CHECKPOINT}.tmp"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        tmp.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a run killed while saving
+        tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
     if accelerator.is_main_process:
@@ -279,6 +281,9 @@ def train(cfg: DictConfig) -> dict:
     model.config.use_cache = False
 
     ckpt_dir = run_dir / CHECKPOINT
+    if accelerator.is_main_process:
+        recover_dir(ckpt_dir)
+    accelerator.wait_for_everyone()
     resuming = bool(cfg.resume) and (ckpt_dir / "trainer_state.json").exists()
     init_metrics = {}
     if resuming:
@@ -287,6 +292,7 @@ def train(cfg: DictConfig) -> dict:
         init_metrics = get_init(cfg.init.name).run(InitContext(model, layers, cfg, train_ex, tokenizer.pad_token_id,
                                                                accelerator, run_dir))
         layers = adapter_layers(model)  # an init may rebuild layers (e.g. per-layer ranks)
+    torch.manual_seed(cfg.seed * 1000 + rank)  # after the (rank-identical) init: independent dropout per process
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
     optimizer = build_optimizer(cfg, spec, model, params)

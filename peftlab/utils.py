@@ -34,22 +34,35 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``path`` in one rename, on error it is removed."""
+    """Yield a temporary sibling folder; on success it replaces ``path`` by renames, on error it is removed.
+
+    A kill between the two renames leaves the previous version at ``.<name>.old``; ``recover_dir`` puts it back.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
-        old = None
+        old = _old(path)
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
         os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _old(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def recover_dir(path: str | Path) -> None:
+    """Undo a replacement that ``atomic_dir`` was killed in the middle of."""
+    path = Path(path)
+    if not path.exists() and _old(path).exists():
+        os.replace(_old(path), path)
 
 
 def stable_hash(obj: Any, n: int = 16) -> str:

@@ -64,7 +64,7 @@ def format_row(row: dict, ds_cfg: Any, index: int, source: str) -> tuple[str, st
     for f in (q_field, r_field):
         if f not in row or row[f] is None:
             raise ValueError(f"{source}: row {index} has no field {f!r}; expected fields {q_field!r} and "
-                             f"{r_field!r} (dataset '{ds_cfg.name}'), found {sorted(row)}")
+                             f"{r_field!r} (dataset '{ds_cfg.name}'), found {sorted(k for k, v in row.items() if v is not None)}")
     query = str(row[q_field])
     if in_field and row.get(in_field):
         query = f"{query}\n{row[in_field]}"
