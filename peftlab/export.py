@@ -82,12 +82,12 @@ def save_peft_adapter(model: nn.Module, folder: str | Path, base_model_name_or_p
         "inference_mode": True,
         "modules_to_save": None,
     }
-    if extra:
-        cfg["peftlab"] = extra
     folder = Path(folder)
     with atomic_dir(folder) as tmp:
         save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, default=str) + "\n")
+        if extra:  # peftlab's own notes (method, init); PEFT warns about unknown keys in its config
+            (tmp / "peftlab.json").write_text(json.dumps(extra, indent=2, default=str) + "\n")
     return folder
 
 

@@ -367,15 +367,19 @@ def train(cfg: DictConfig) -> dict:
         if not math.isfinite(train_loss):
             bar.close()
             log.close()
-            kept = f"the last good checkpoint is {ckpt_dir}" if ckpt_dir.exists() else "no checkpoint was saved yet"
             raise NonFiniteLoss(f"train loss is {train_loss} at step {step + 1}; stopped before the update, "
-                                f"{kept}. Lower model.lr, enable train.max_grad_norm, or check the data.")
+                                f"{_kept(ckpt_dir)}. Lower model.lr, enable train.max_grad_norm, or check the data.")
         grad_norm = None
         if cfg.train.max_grad_norm:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params_of(optimizer), cfg.train.max_grad_norm))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(torch.stack(torch._foreach_norm(params_of(optimizer)))).all():  # one sync
+            bar.close()
+            log.close()
+            raise NonFiniteLoss(f"parameters became non-finite in the update of step {step + 1} (train loss "
+                                f"{train_loss:.4g}); {_kept(ckpt_dir)}. Lower model.lr or enable train.max_grad_norm.")
         hook_metrics = spec.after_step(unwrap(ddp_model), optimizer, step + 1)
         state["step"] = step + 1
         state["tokens"] += n_targets
@@ -443,6 +447,10 @@ def summary_line(s: dict) -> str:
     return (f"peftlab: method={s['method']} init={s['init']} model={s['model']} data={s['dataset']} "
             f"steps={s['steps']} train_loss={tl} {ev} params={s['trainable_params']} "
             f"time={s['wall_time_s']:.1f}s run_dir={s['run_dir']}")
+
+
+def _kept(ckpt_dir: Path) -> str:
+    return f"the last good checkpoint is {ckpt_dir}" if ckpt_dir.exists() else "no checkpoint was saved yet"
 
 
 def params_of(optimizer) -> list[torch.Tensor]:
