@@ -1,0 +1,22 @@
+# `make run` and `make test` work on a fresh machine: they install what they need first.
+PYTHON ?= python
+TORCH ?= torch==2.13.0
+
+.PHONY: install run test test-fast bench lab
+install: .installed
+.installed: pyproject.toml
+	$(PYTHON) -m pip install -q $(TORCH)   # first, so pip does not pull a CUDA build for the rest
+	$(PYTHON) -m pip install -q -e ".[test,quant,slurm,plots,examples]"
+	touch .installed
+
+run: .installed
+	$(PYTHON) run_exp.py
+
+test: .installed          # everything, slow end-to-end tests included (what CI runs)
+	$(PYTHON) -m pytest tests
+
+test-fast: .installed     # skips the tests marked slow
+	$(PYTHON) -m pytest tests -m "not slow"
+
+bench: .installed
+	$(PYTHON) -m bench.run_all
