@@ -196,9 +196,9 @@ def _wandb_id(run_dir: Path) -> str:
     """One wandb run per run folder, so a resumed (requeued) run continues the same curve."""
     path = run_dir / "wandb_id.txt"
     if not path.exists():
-        import wandb
+        import secrets
 
-        atomic_write_text(path, wandb.util.generate_id())
+        atomic_write_text(path, secrets.token_hex(4))
     return path.read_text().strip()
 
 

@@ -139,3 +139,16 @@ def test_two_processes_equal_one(tmp_path):
         torch.testing.assert_close(t1[k], t2[k], rtol=1e-4, atol=1e-6)
     # and the updates really are synchronised: a run without the rank-1 data would differ
     assert any(not torch.allclose(v, torch.zeros_like(v)) for k, v in t1.items() if "lora_B" in k)
+
+
+@pytest.mark.slow
+def test_multirun_writes_one_folder_per_job_and_wandb_offline(tmp_path):
+    cmd = [sys.executable, str(ROOT / "run_exp.py"), "-m", "seed=1,2", "train.max_steps=3", "wandb.mode=offline",
+           "model.epochs=1", f"hydra.sweep.dir={tmp_path}"]
+    out = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "WANDB_MODE": "offline"}, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for job, seed in (("0", 1), ("1", 2)):
+        s = json.loads((tmp_path / job / "summary.json").read_text())
+        assert s["seed"] == seed and s["steps"] == 3
+        assert list((tmp_path / job / "wandb").glob("offline-run-*"))  # synced later with `wandb sync`
