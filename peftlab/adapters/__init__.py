@@ -55,9 +55,9 @@ def apply_adapters(model: nn.Module, peft_cfg: Any, method_cfg: Any = None, meth
 
 def apply_lora(model: nn.Module, config: Any) -> dict[str, LoRALinear]:
     """The seed's API: LoRA on the modules the config selects (a dict or DictConfig with PEFT's field names)."""
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
-    cfg = OmegaConf.create(dict(config)) if not hasattr(config, "get") or isinstance(config, dict) else config
+    cfg = config if isinstance(config, DictConfig) else OmegaConf.create(dict(config))
     return apply_adapters(model, cfg, None, "lora")
 
 

@@ -36,7 +36,9 @@ class LoRALinear(AdapterLayer):
         return cls(layer, rank, alpha, dropout, use_rslora)
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(x).to(self.lora_A.dtype)
+        x = self.dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmul casts anyway
+            x = x.to(self.lora_A.dtype)
         return (x @ self.lora_A.T @ self.lora_B.T) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
