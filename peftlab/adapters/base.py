@@ -51,6 +51,7 @@ class AdapterLayer(nn.Module):
             p.requires_grad_(False)
         self.in_features, self.out_features = base_dims(base)
         self.merged = False
+        self.disabled = False  # True: the adapter adds nothing (e.g. while an init estimates the base gradient)
         # Low-rank move of the base weight made by an init: W_base = W_orig - offset_scaling * offset_B @ offset_A.
         self.register_buffer("offset_A", None)
         self.register_buffer("offset_B", None)
@@ -66,7 +67,7 @@ class AdapterLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.merged:
+        if self.merged or self.disabled:
             return y
         return y + self.adapter_forward(x).to(y.dtype)
 

@@ -47,6 +47,15 @@ class LoRALinear(AdapterLayer):
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A.detach().float().clone(), self.scaling * self.lora_B.detach().float()
 
+    def load_adapter_state(self, state) -> None:
+        super().load_adapter_state(state)
+        if self.lora_A.shape[0] != self.rank:  # a per-layer rank chosen by an init (rank: auto)
+            self.set_rank_scaling(self.lora_A.shape[0])
+
+    def set_rank_scaling(self, rank: int) -> None:
+        self.rank = int(rank)
+        self.scaling = lora_scaling(self.rank, self.alpha, self.use_rslora)
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", r={self.rank}, alpha={self.alpha}, rslora={self.use_rslora}"
 

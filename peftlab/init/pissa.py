@@ -1,0 +1,39 @@
+"""PiSSA (Meng et al. 2024): A = sqrt(S_r / s) Vh_r, B = U_r sqrt(S_r / s), base <- W - s B A (so the output is
+unchanged), exactly PEFT's ``init_lora_weights="pissa"`` convention; ``niter`` picks the randomized SVD."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..adapters.base import base_weight_out_in
+from . import InitContext, InitSpec, lora_factor_layers, register_init
+from .svd import top_r_svd
+
+
+@torch.no_grad()
+def pissa_factors(W: torch.Tensor, r: int, scaling: float, niter: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    U, S, Vh = top_r_svd(W, r, niter)
+    root = (S / scaling).sqrt()
+    return root[:, None] * Vh, U * root
+
+
+@torch.no_grad()
+def run(ctx: InitContext) -> dict:
+    niter = ctx.cfg.init.get("niter")
+    for layer in lora_factor_layers(ctx, "pissa").values():
+        A, B = pissa_factors(base_weight_out_in(layer.base), layer.rank, layer.scaling, niter)
+        layer.lora_A.copy_(A)
+        layer.lora_B.copy_(B)
+        layer.set_offset(A, B, layer.scaling)
+    return {}
+
+
+def validate(init_cfg: Any) -> None:
+    n = init_cfg.get("niter")
+    if n is not None and (not isinstance(n, int) or n < 0):
+        raise ValueError(f"init.niter must be null (full SVD) or an integer >= 0, got {n!r}")
+
+
+register_init(InitSpec("pissa", run, validate))

@@ -1,0 +1,33 @@
+"""Scaled (Riemannian) AdamW for LoRA factors, as LoRA-One's optimizer with "pre-conditioners":
+g_A <- (B^T B + lam I)^-1 g_A and g_B <- g_B (A A^T + lam I)^-1 (lam = model.prec_reg), then the AdamW update.
+Parameters that are not LoRA factors are updated by plain AdamW."""
+from __future__ import annotations
+
+import torch
+
+from ..adapters import adapter_layers
+
+
+class PrecondAdamW(torch.optim.AdamW):
+    def __init__(self, model: torch.nn.Module, params, prec_reg: float = 1e-6, **adamw_kwargs):
+        super().__init__(params, **adamw_kwargs)
+        self.prec_reg = float(prec_reg)
+        self.pairs = [(l.lora_A, l.lora_B) for l in adapter_layers(model).values()
+                      if hasattr(l, "lora_A") and hasattr(l, "lora_B")]
+
+    @torch.no_grad()
+    def precondition_(self) -> None:
+        """Both preconditioners from the factors before either gradient is changed, in fp32."""
+        for A, B in self.pairs:
+            if A.grad is None or B.grad is None:
+                continue
+            a, b = A.float(), B.float()
+            eye = torch.eye(a.shape[0], device=a.device)
+            gA = torch.linalg.solve(b.T @ b + self.prec_reg * eye, A.grad.float())
+            gB = torch.linalg.solve(a @ a.T + self.prec_reg * eye, B.grad.float().T).T  # (A A^T + lam I) symmetric
+            A.grad.copy_(gA)
+            B.grad.copy_(gB)
+
+    def step(self, closure=None):
+        self.precondition_()
+        return super().step(closure)
