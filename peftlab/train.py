@@ -437,6 +437,8 @@ def train(cfg: DictConfig) -> dict:
             wandb_run.summary.update({k: v for k, v in summary.items() if v is not None})
             wandb_run.finish()
     accelerator.wait_for_everyone()
+    if world > 1:  # a clean exit: gloo aborts processes that leave with the group alive
+        torch.distributed.destroy_process_group()
     return summary
 
 
