@@ -356,7 +356,7 @@ def train(cfg: DictConfig) -> dict:
                     lsum = token_loss_sum(logits, b["labels"])
                     # DDP averages gradients over processes, hence * world
                     loss = lsum * (world / n_targets)
-                    extra = spec.extra_loss(unwrap(ddp_model))
+                    extra = spec.extra_loss(unwrap(ddp_model), cfg.method)
                     if extra is not None:
                         loss = loss + extra / len(micros)
                         extra_total += float(extra) / len(micros)
@@ -380,7 +380,7 @@ def train(cfg: DictConfig) -> dict:
             log.close()
             raise NonFiniteLoss(f"parameters became non-finite in the update of step {step + 1} (train loss "
                                 f"{train_loss:.4g}); {_kept(ckpt_dir)}. Lower model.lr or enable train.max_grad_norm.")
-        hook_metrics = spec.after_step(unwrap(ddp_model), optimizer, step + 1)
+        hook_metrics = spec.after_step(unwrap(ddp_model), optimizer, step + 1, cfg.method)
         state["step"] = step + 1
         state["tokens"] += n_targets
         recent = (recent + [train_loss])[-10:]

@@ -1,5 +1,6 @@
-"""Data-aware inits: the full-batch gradient, each direction against its closed form, PiSSA and LoRA-GA against
-HF PEFT, unchanged outputs, PEFT export round trips and the preconditioned optimizer."""
+"""Data-aware inits: each direction against its closed form, PiSSA and LoRA-GA against HF PEFT on the same model and
+data, LoRA-FA against LoRA-One, unchanged outputs, PEFT export round trips, per-layer ranks through resume, early
+config errors, and the seed command end to end."""
 import json
 import os
 import subprocess
@@ -10,113 +11,59 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from peftlab.adapters import apply_adapters
-from peftlab.data.datasets import Example, collate
+from peftlab.adapters import adapter_layers, apply_adapters
+from peftlab.data.datasets import collate
 from peftlab.export import save_peft_adapter
 from peftlab.init import InitContext, get_init
 from peftlab.init.directions import inverse_sqrt_metric, lora_fa, lora_ga, lora_one, rank_by_energy
-from peftlab.init.gradient import estimate_gradient
+from peftlab.init.gradient import calibration_samples
 from peftlab.train import token_loss_sum
+from test_gradient_estimation import init_cfg, load, peft_cfg, random_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def peft_cfg(**kw):
-    return OmegaConf.create({"target_set": "qv", "lora_target_modules": None, "lora_r": 4, "lora_alpha": 8,
-                             "lora_dropout": 0.0, "use_rslora": False, **kw})
-
-
-def random_examples(n, seed=0, vocab=128):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        L = int(torch.randint(6, 14, (1,), generator=g))
-        ids = torch.randint(1, vocab, (L,), generator=g).tolist()
-        p = int(torch.randint(2, L - 2, (1,), generator=g))
-        out.append(Example(ids, [-100] * p + ids[p:]))
-    return out
-
-
-def load(path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path).eval()
-
-
-def init_cfg(**kw):
-    base = OmegaConf.load(ROOT / "conf/init/gradient.yaml")
-    return OmegaConf.create({"init": OmegaConf.merge(base, kw), "seed": 0, "model": {"name": "x", "max_length": 64},
-                             "dataset": {}, "method": {"name": "lora"}})
-
-
-def full_batch_reference(model, names, examples):
-    """Autograd of the mean token loss over all examples at once."""
-    model.zero_grad()
-    weights = {n: model.get_submodule(n).weight for n in names}
-    for w in weights.values():
-        w.requires_grad_(True)
-    b = collate(examples, 0)
-    loss = token_loss_sum(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
-    n = (b["labels"][:, 1:] != -100).sum()
-    grads = torch.autograd.grad(loss / n, list(weights.values()))
-    return dict(zip(names, grads))
-
-
-@pytest.mark.parametrize("bsz", [8, 3, 1])
-def test_gradient_equals_autograd_of_the_full_mean_loss(tiny_llama_dir, bsz):
-    examples = random_examples(8)
-    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj", "model.layers.0.self_attn.v_proj",
-             "model.layers.1.self_attn.q_proj"]
-    ref = full_batch_reference(load(tiny_llama_dir), names, examples)
-    model = load(tiny_llama_dir)
-    layers = apply_adapters(model, peft_cfg())
-    grads, sigmas, tokens = estimate_gradient(model, layers, examples, 0, bsz, second_moments=True, progress=False)
-    for n in names:
-        torch.testing.assert_close(grads[n], ref[n], rtol=1e-4, atol=1e-7)
-    assert all(p.grad is None for p in model.parameters())  # nothing left behind
-    assert all(not l.base.weight.requires_grad and l.lora_A.requires_grad for l in layers.values())
-    # q and v of a block read the same input: one shared second moment, equal to E[x x^T] over non-pad tokens
-    assert sigmas["model.layers.0.self_attn.q_proj"] is sigmas["model.layers.0.self_attn.v_proj"]
-    xs = []
-    h = model.get_submodule("model.layers.0.self_attn.q_proj").register_forward_pre_hook(
-        lambda m, a: xs.append(a[0].detach()))
-    b = collate(examples, 0)
-    model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-    h.remove()
-    x = xs[0][b["attention_mask"].bool()]
-    torch.testing.assert_close(sigmas["model.layers.0.self_attn.q_proj"], x.T @ x / len(x), rtol=1e-4, atol=1e-6)
-
-
 def svd(M):
-    return torch.linalg.svd(M, full_matrices=False)
+    return torch.linalg.svd(M.double(), full_matrices=False)
 
 
-def test_lora_one_closed_form():
+def peft_delta(peft_model, name):
+    m = peft_model.base_model.model.get_submodule(name)
+    return m.scaling["default"] * m.lora_B["default"].weight @ m.lora_A["default"].weight, m.base_layer.weight
+
+
+# ---- closed forms on small matrices -------------------------------------------------------------------------------
+def test_lora_one_closed_form_for_each_scale():
     torch.manual_seed(0)
     G, r, s, gamma = torch.randn(20, 12), 3, 2.0, 16.0
-    A, B = lora_one(G, r, s, "stable", gamma)
     U, S, Vh = svd(-G)
-    target = (s / gamma) * (U[:, :r] * S[:r]) @ Vh[:r] / S[0]
-    torch.testing.assert_close(s * B @ A, target, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(B.norm(), A.norm())
-    A1, B1 = lora_one(G, r, s, "gd", gamma)
-    torch.testing.assert_close(s * B1 @ A1, target * gamma / s, rtol=1e-5, atol=1e-6)
-    A2, B2 = lora_one(G, r, s, "unit", gamma)
-    torch.testing.assert_close(B2 @ A2, target * gamma / s, rtol=1e-5, atol=1e-6)
+    step = ((U[:, :r] * S[:r]) @ Vh[:r] / S[0]).float()  # [-G]_r / s1
+    for scale, factor in [("stable", 1 / gamma), ("gd", 1 / s ** 2), ("unit", 1.0)]:
+        A, B = lora_one(G, r, s, scale, gamma)
+        torch.testing.assert_close(s * B @ A, s * factor * step, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(B.norm(), A.norm())  # the step split evenly between the factors
+    with pytest.raises(ValueError, match=r"allowed: \['stable', 'gd', 'unit'\]"):
+        lora_one(G, r, s, "big")
 
 
-def test_lora_ga_closed_form_paper_and_peft_conventions():
+def test_lora_ga_closed_form_both_conventions_and_directions():
     torch.manual_seed(0)
     G, r, s, gamma = torch.randn(16, 10), 2, 4.0, 9.0
     U, S, Vh = svd(G)
-    stable = 16 ** 0.25 / 3.0
-    A, B = lora_ga(G, r, s, "stable", gamma)
+    U, S, Vh = U.float(), S.float(), Vh.float()
+    stable = 16 ** 0.25 / 3.0  # d_out^(1/4) / sqrt(gamma)
+    A, B = lora_ga(G, r, s, "stable", gamma)  # the authors' code: ArB2r, the factor on both
     torch.testing.assert_close(A, Vh[:r] * stable)
     torch.testing.assert_close(B, U[:, r:2 * r] * stable)
     A, B = lora_ga(G, r, s, "gd", gamma)
     torch.testing.assert_close(s * B @ A, U[:, r:2 * r] @ Vh[:r] / s)
-    A, B = lora_ga(G, r, s, "stable", gamma, convention="peft")
-    torch.testing.assert_close(B @ A, (U[:, r:2 * r] * S[r:2 * r]) @ Vh[:r] * stable)
+    A, B = lora_ga(G, r, s, "unit", gamma, "A2rBr")
+    torch.testing.assert_close(B @ A, U[:, :r] @ Vh[r:2 * r])
+    A, B = lora_ga(G, r, s, "unit", gamma, "ArBr")
+    torch.testing.assert_close(B @ A, U[:, [0, 2]] @ Vh[[1, 3]])
+    A, B = lora_ga(G, r, s, "stable", gamma, convention="peft")  # PEFT: B carries S, the factor on B alone
+    torch.testing.assert_close(A, Vh[:r])
+    torch.testing.assert_close(B, U[:, r:2 * r] * S[r:2 * r] * stable)
     with pytest.raises(ValueError, match="2r <= min"):
         lora_ga(G, 6, s)
 
@@ -124,13 +71,14 @@ def test_lora_ga_closed_form_paper_and_peft_conventions():
 def test_lora_fa_without_metric_or_with_isotropic_inputs_is_lora_one():
     torch.manual_seed(0)
     G, r, s = torch.randn(14, 9), 3, 2.0
-    A1, B1 = lora_one(G, r, s, "stable", 16.0)
-    A2, B2 = lora_fa(G, r, s, sigma=None, scale="stable", gamma=16.0)
-    torch.testing.assert_close(A2, A1, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(B2, B1, rtol=1e-5, atol=1e-6)
-    A3, B3 = lora_fa(G, r, s, sigma=3.7 * torch.eye(9), damping=0.1, scale="stable", gamma=16.0)
-    torch.testing.assert_close(A3, A1, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(B3, B1, rtol=1e-4, atol=1e-6)
+    for scale in ("stable", "gd", "unit"):
+        A1, B1 = lora_one(G, r, s, scale, 16.0)
+        A2, B2 = lora_fa(G, r, s, sigma=None, scale=scale, gamma=16.0)
+        torch.testing.assert_close(A2, A1, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(B2, B1, rtol=1e-5, atol=1e-6)
+        A3, B3 = lora_fa(G, r, s, sigma=3.7 * torch.eye(9), damping=0.1, scale=scale, gamma=16.0)
+        torch.testing.assert_close(A3, A1, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(B3, B1, rtol=1e-4, atol=1e-6)
 
 
 def test_lora_fa_closed_form_with_anisotropic_metric():
@@ -139,91 +87,153 @@ def test_lora_fa_closed_form_with_anisotropic_metric():
     X = torch.randn(200, 8) * torch.linspace(0.1, 3, 8)
     sigma = X.T @ X / 200
     A, B = lora_fa(G, r, s, sigma=sigma, damping=damping, scale="stable", gamma=gamma)
-    P = sigma + damping * torch.trace(sigma) / 8 * torch.eye(8)
-    ev, Q = torch.linalg.eigh(P.double())
+    P = sigma.double() + damping * torch.trace(sigma.double()) / 8 * torch.eye(8, dtype=torch.float64)
+    ev, Q = torch.linalg.eigh(P)
     p_is = (Q * ev.rsqrt()) @ Q.T
-    U, S, Vh = svd((-G.double()) @ p_is)
-    dW = (U[:, :r] * S[:r]) @ Vh[:r] @ p_is  # [-G P^-1/2]_r P^-1/2
+    U, S, Vh = svd(-G.double() @ p_is)
+    dW = (U[:, :r] * S[:r]) @ Vh[:r] @ p_is  # -eta [G P^-1/2]_r P^-1/2, eta chosen for spectral norm 1
     dW = dW / torch.linalg.matrix_norm(dW, ord=2)
     torch.testing.assert_close((gamma * B @ A).double(), dW, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(A.norm(), B.norm(), rtol=1e-5, atol=0)
     torch.testing.assert_close(inverse_sqrt_metric(sigma, damping).double(), p_is, rtol=1e-4, atol=1e-6)
+    # it minimises <G, dW> + (1/2 eta) E||dW x||^2 over rank r: better than LoRA-One's direction at the same proximity
+    Ao, Bo = lora_one(G, r, s, "stable", gamma)
+    fa, one = (B @ A).double(), (Bo @ Ao).double()
+    P_sig = sigma.double()
+    prox = lambda d: torch.trace(d @ P_sig @ d.T)  # noqa: E731
+    one = one * (prox(fa) / prox(one)).sqrt()
+    assert (G.double() * fa).sum() < (G.double() * one).sum()
 
 
 def test_rank_by_energy():
-    S = torch.tensor([3.0, 2.0, 1.0, 0.5])
+    S = torch.tensor([3.0, 2.0, 1.0, 0.5])  # energies 9, 4, 1, 0.25 of 14.25
     assert rank_by_energy(S, 9 / 14.25, 4) == 1
-    assert rank_by_energy(S, 0.91, 4) == 2 and rank_by_energy(S, 0.92, 4) == 3 and rank_by_energy(S, 0.99, 4) == 4 and rank_by_energy(S, 0.99, 3) == 3
+    assert rank_by_energy(S, 0.91, 4) == 2 and rank_by_energy(S, 0.92, 4) == 3
+    assert rank_by_energy(S, 0.99, 4) == 4 and rank_by_energy(S, 0.99, 3) == 3 and rank_by_energy(S, 1.0, 4) == 4
 
 
-def test_pissa_matches_peft_and_keeps_the_output(tiny_llama_dir):
+# ---- PiSSA against PEFT ---------------------------------------------------------------------------------------------
+def run_pissa(model, niter=None, **peft_kw):
+    layers = apply_adapters(model, peft_cfg(**peft_kw))
+    get_init("pissa").run(InitContext(model, layers, OmegaConf.create({"init": {"name": "pissa", "niter": niter}})))
+    return layers
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_pissa_matches_peft_and_keeps_the_output(tiny_llama_dir, use_rslora):
     from peft import LoraConfig, get_peft_model
 
     ours = load(tiny_llama_dir)
     x = torch.randint(0, 128, (2, 9))
     before = ours(x).logits
-    layers = apply_adapters(ours, peft_cfg(lora_r=4, lora_alpha=8))
-    get_init("pissa").run(InitContext(ours, layers, OmegaConf.create({"init": {"name": "pissa", "niter": None}})))
+    layers = run_pissa(ours, None, lora_r=4, lora_alpha=8, use_rslora=use_rslora)
     torch.testing.assert_close(ours(x).logits, before, rtol=1e-4, atol=1e-5)
     ref = get_peft_model(load(tiny_llama_dir), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                          init_lora_weights="pissa"))
+                                                          use_rslora=use_rslora, init_lora_weights="pissa"))
     for name, layer in layers.items():
-        m = ref.base_model.model.get_submodule(name)
-        BA_ref = m.scaling["default"] * m.lora_B["default"].weight @ m.lora_A["default"].weight
-        torch.testing.assert_close(layer.delta_weight(), BA_ref, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(layer.base.weight, m.base_layer.weight, rtol=1e-4, atol=1e-5)
+        delta, base = peft_delta(ref, name)
+        torch.testing.assert_close(layer.delta_weight(), delta, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(layer.base.weight, base, rtol=1e-4, atol=1e-5)
 
 
-def test_pissa_fast_svd_is_close_to_full(tiny_llama_dir):
-    from peftlab.init.pissa import pissa_factors
+@pytest.fixture(scope="module")
+def decaying_llama_dir(tmp_path_factory, tiny_llama_dir):
+    """The tiny Llama with q/v weights of geometrically decaying spectrum, where a randomized SVD is accurate."""
+    model = load(tiny_llama_dir)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if name.endswith(("q_proj", "v_proj")):
+                out, inp = m.weight.shape
+                U, _ = torch.linalg.qr(torch.randn(out, out, generator=g))
+                V, _ = torch.linalg.qr(torch.randn(inp, inp, generator=g))
+                k = min(out, inp)
+                m.weight.copy_((U[:, :k] * 0.5 ** torch.arange(k)) @ V[:, :k].T)
+    path = tmp_path_factory.mktemp("decaying_llama")
+    model.save_pretrained(path)
+    return path
 
-    W = load(tiny_llama_dir).model.layers[0].self_attn.q_proj.weight.detach()
-    A, B = pissa_factors(W, 4, 2.0, None)
-    A4, B4 = pissa_factors(W, 4, 2.0, 4)
-    torch.testing.assert_close(B4 @ A4, B @ A, rtol=1e-3, atol=1e-3)
 
-
-def test_lora_ga_matches_peft_lora_ga(tiny_llama_dir, monkeypatch):
-    """Same model, same data, same G: PEFT's lora_ga and ours (convention=peft) give the same s B A and base."""
+def test_pissa_fast_svd_matches_peft_pissa_niter_4(decaying_llama_dir):
     from peft import LoraConfig, get_peft_model
-    from peft.tuners.lora import LoraGAConfig
-    from peft.tuners.lora.loraga import preprocess_loraga
 
-    examples = random_examples(6)
+    ours = load(decaying_llama_dir)
+    x = torch.randint(0, 128, (2, 9))
+    before = ours(x).logits
+    layers = run_pissa(ours, 4, lora_r=4, lora_alpha=8)
+    torch.testing.assert_close(ours(x).logits, before, rtol=1e-4, atol=1e-5)
+    ref = get_peft_model(load(decaying_llama_dir), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                              init_lora_weights="pissa_niter_4"))
+    full = run_pissa(load(decaying_llama_dir), None, lora_r=4, lora_alpha=8)
+    for name, layer in layers.items():
+        delta, base = peft_delta(ref, name)
+        torch.testing.assert_close(layer.delta_weight(), delta, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(layer.base.weight, base, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(layer.delta_weight(), full[name].delta_weight(), rtol=1e-4, atol=1e-5)
+
+
+# ---- LoRA-GA against PEFT -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("direction, scale, peft_scale", [("ArB2r", "stable", "stable"), ("A2rBr", "gd", "gd_scale"),
+                                                          ("ArBr", "unit", "unit")])
+def test_lora_ga_matches_peft_lora_ga(tiny_llama_dir, monkeypatch, direction, scale, peft_scale):
+    """Same model, same data, same G: PEFT's lora_ga and ours (ga_convention=peft) give the same s B A and base."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraGAConfig, preprocess_loraga
+
+    examples = random_examples(12)
     ours = load(tiny_llama_dir)
     x = torch.randint(0, 128, (2, 9))
     before = ours(x).logits
     layers = apply_adapters(ours, peft_cfg(lora_r=2, lora_alpha=4))
-    cfg = init_cfg(direction="LoRA-GA", ga_convention="peft", stable_gamma=16, bsz=6, iters=1)
+    cfg = init_cfg(direction="LoRA-GA", ga_convention="peft", ga_direction=direction, scale=scale, stable_gamma=16,
+                   bsz=3, iters=2)
     get_init("gradient").run(InitContext(ours, layers, cfg, examples, 0))
     torch.testing.assert_close(ours(x).logits, before, rtol=1e-4, atol=1e-5)  # output unchanged
 
-    def full_svd(M, q=None, niter=None):  # PEFT calls the randomized SVD; make it exact so signs agree
+    def exact_svd(M, q=None, niter=None):  # PEFT calls the randomized SVD; LoRA-GA's B A depends on SVD signs
         U, S, Vh = torch.linalg.svd(M, full_matrices=False)
         return U, S, Vh.T
 
-    monkeypatch.setattr(torch, "svd_lowrank", full_svd)
+    monkeypatch.setattr(torch, "svd_lowrank", exact_svd)
     ref_model = load(tiny_llama_dir)
-    # PEFT sees the same calibration samples in the same (seeded) order through our sampler
-    from peftlab.init.gradient import calibration_samples
-
-    b = collate(calibration_samples(examples, 6, 0, None), 0)
+    b = collate(calibration_samples(examples, 6, 0), 0)  # the same calibration samples, PEFT's own estimation
 
     def train_step():
         logits = ref_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         (token_loss_sum(logits, b["labels"]) / (b["labels"][:, 1:] != -100).sum()).backward()
 
     lcfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights="lora_ga",
-                      lora_ga_config=LoraGAConfig(direction="ArB2r", scale="stable", stable_gamma=16))
+                      lora_ga_config=LoraGAConfig(direction=direction, scale=peft_scale, stable_gamma=16))
     preprocess_loraga(ref_model, lcfg, train_step)
     ref = get_peft_model(ref_model, lcfg)
     for name, layer in layers.items():
-        m = ref.base_model.model.get_submodule(name)
-        BA_ref = m.scaling["default"] * m.lora_B["default"].weight @ m.lora_A["default"].weight
-        torch.testing.assert_close(layer.delta_weight(), BA_ref, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(layer.base.weight, m.base_layer.weight, rtol=1e-4, atol=1e-6)
+        delta, base = peft_delta(ref, name)
+        torch.testing.assert_close(layer.delta_weight(), delta, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(layer.base.weight, base, rtol=1e-4, atol=1e-6)
 
 
+def test_lora_one_and_lora_fa_inits_on_a_model(tiny_llama_dir):
+    """No offset: the effective weight is W0 + s B A with the closed forms of the estimated G; metric off = LoRA-One."""
+    from peftlab.init.gradient import estimate_gradient
+
+    examples = random_examples(8)
+    model = load(tiny_llama_dir)
+    layers = apply_adapters(model, peft_cfg(use_rslora=True))
+    G, _, _ = estimate_gradient(model, layers, calibration_samples(examples, 8, 0), 0, 8, progress=False)
+    w0 = {n: l.base.weight.clone() for n, l in layers.items()}
+    deltas = {}
+    for kw in ({"direction": "LoRA-One"}, {"direction": "LoRA-FA", "metric": "off"}):
+        get_init("gradient").run(InitContext(model, layers, init_cfg(bsz=4, iters=2, **kw), examples, 0))
+        deltas[kw["direction"]] = {n: l.delta_weight() for n, l in layers.items()}
+    for n, l in layers.items():
+        assert torch.equal(l.base.weight, w0[n]) and l.offset_A is None
+        U, S, Vh = svd(-G[n])
+        target = (l.scaling / 16) * ((U[:, :4] * S[:4]) @ Vh[:4] / S[0]).float()
+        torch.testing.assert_close(deltas["LoRA-One"][n], target, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(deltas["LoRA-FA"][n], target, rtol=1e-4, atol=1e-6)
+
+
+# ---- export, per-layer ranks, resume --------------------------------------------------------------------------------
 @pytest.mark.parametrize("init", ["pissa", "LoRA-GA", "LoRA-FA-auto"])
 def test_export_round_trips_through_peft(tmp_path, tiny_llama_dir, init):
     from peft import PeftModel
@@ -232,14 +242,11 @@ def test_export_round_trips_through_peft(tmp_path, tiny_llama_dir, init):
     ours = load(tiny_llama_dir)
     layers = apply_adapters(ours, peft_cfg(target_set="all", lora_r=4, lora_alpha=8, use_rslora=True))
     if init == "pissa":
-        cfg = OmegaConf.create({"init": {"name": "pissa", "niter": None}})
-        get_init("pissa").run(InitContext(ours, layers, cfg))
+        get_init("pissa").run(InitContext(ours, layers, OmegaConf.create({"init": {"name": "pissa", "niter": None}})))
     else:
         kw = {"direction": "LoRA-GA"} if init == "LoRA-GA" else {"direction": "LoRA-FA", "rank": "auto",
                                                                   "energy": 0.5}
         get_init("gradient").run(InitContext(ours, layers, init_cfg(bsz=4, iters=2, **kw), examples, 0))
-    from peftlab.adapters import adapter_layers
-
     for layer in adapter_layers(ours).values():  # move away from the init so the export is non-trivial
         layer.lora_B.data += 0.01 * torch.randn_like(layer.lora_B)
     save_peft_adapter(ours, tmp_path / "ad", base_model_name_or_path=str(tiny_llama_dir))
@@ -253,86 +260,117 @@ def test_export_round_trips_through_peft(tmp_path, tiny_llama_dir, init):
     torch.testing.assert_close(peft_model(x).logits, ours(x).logits, rtol=1e-4, atol=1e-5)
 
 
-def test_bad_init_values_fail_early():
-    from peftlab.init.gradient import validate
-
-    with pytest.raises(ValueError, match=r"unknown init.direction 'LoRA-XX'; allowed: \['LoRA-GA', 'LoRA-One', 'LoRA-FA'\]"):
-        validate(init_cfg(direction="LoRA-XX").init)
-    with pytest.raises(ValueError, match=r"unknown init.scale 'big'; allowed: \['stable', 'gd', 'unit'\]"):
-        validate(init_cfg(scale="big").init)
-    with pytest.raises(ValueError, match="use direction=LoRA-FA"):
-        validate(init_cfg(rank="auto").init)
-
-
-def test_precond_adamw_against_closed_form():
-    from torch import nn
-
-    from peftlab.adapters import LoRALinear
-    from peftlab.optim.precond import PrecondAdamW
-
-    torch.manual_seed(0)
-    model = nn.Sequential(LoRALinear(nn.Linear(6, 5), 3, 3))
-    layer = model[0]
-    nn.init.normal_(layer.lora_B)
-    A, B = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
-    gA, gB = torch.randn_like(A), torch.randn_like(B)
-    layer.lora_A.grad, layer.lora_B.grad = gA.clone(), gB.clone()
-    lam = 0.1
-    opt = PrecondAdamW(model, [layer.lora_A, layer.lora_B], prec_reg=lam, lr=0.1)
-    opt.precondition_()
-    torch.testing.assert_close(layer.lora_A.grad, torch.linalg.inv(B.T @ B + lam * torch.eye(3)) @ gA, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(layer.lora_B.grad, gB @ torch.linalg.inv(A @ A.T + lam * torch.eye(3)), rtol=1e-4, atol=1e-6)
+def test_rank_auto_layers_survive_a_resume(tiny_llama_dir):
+    """Resume builds layers at peft.lora_r and loads the checkpoint's smaller factors: rank and scaling follow."""
+    ours = load(tiny_llama_dir)
+    layers = apply_adapters(ours, peft_cfg(target_set="all", lora_r=4, lora_alpha=8, use_rslora=True))
+    metrics = get_init("gradient").run(InitContext(
+        ours, layers, init_cfg(direction="LoRA-FA", rank="auto", energy=0.5, bsz=4, iters=2), random_examples(8), 0))
+    chosen = adapter_layers(ours)
+    assert metrics["init/mean_rank"] < 4 and {l.rank for l in chosen.values()} != {4}
+    assert all(layers[n] is chosen[n] for n in chosen)  # the context's layer map follows the rebuilt layers
+    resumed = load(tiny_llama_dir)
+    fresh = apply_adapters(resumed, peft_cfg(target_set="all", lora_r=4, lora_alpha=8, use_rslora=True))
+    for n, layer in fresh.items():
+        layer.load_adapter_state(chosen[n].adapter_state())
+        assert layer.rank == chosen[n].rank == layer.lora_A.shape[0] == layer.lora_B.shape[1]
+        assert layer.scaling == pytest.approx(8 / chosen[n].rank ** 0.5) == pytest.approx(chosen[n].scaling)
+    x = torch.randint(0, 128, (2, 9))
+    torch.testing.assert_close(resumed(x).logits, ours(x).logits)
 
 
-@pytest.mark.slow
-def test_gradient_is_the_same_on_one_and_two_processes(tmp_path, tiny_llama_dir):
-    script = tmp_path / "g.py"
-    script.write_text(f"""
-import sys, torch
-sys.path.insert(0, {str(ROOT / 'tests')!r})
-from accelerate import Accelerator
-from test_inits import random_examples, load, peft_cfg
-from peftlab.adapters import apply_adapters
-from peftlab.init.gradient import estimate_gradient
-acc = Accelerator(cpu=True)
-model = load({str(tiny_llama_dir)!r})
-layers = apply_adapters(model, peft_cfg())
-g, s, n = estimate_gradient(model, layers, random_examples(10), 0, 4, acc, second_moments=True, progress=False)
-if acc.is_main_process:
-    torch.save({{"g": g, "s": s, "n": n}}, sys.argv[1])
-acc.wait_for_everyone()
-if acc.num_processes > 1:
-    torch.distributed.destroy_process_group()
-""")
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    for nproc in (1, 2):
-        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                              f"--nproc_per_node={nproc}", str(script), str(tmp_path / f"{nproc}.pt")],
-                             env=env, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr[-3000:]
-    one, two = torch.load(tmp_path / "1.pt"), torch.load(tmp_path / "2.pt")
-    assert one["n"] == two["n"]
-    for k in one["g"]:
-        torch.testing.assert_close(one["g"][k], two["g"][k], rtol=1e-4, atol=1e-7)
-        torch.testing.assert_close(one["s"][k], two["s"][k], rtol=1e-4, atol=1e-6)
+# ---- config errors --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides, message", [
+    ({"direction": "LoRA-XX"}, r"unknown init.direction 'LoRA-XX'; allowed: \['LoRA-GA', 'LoRA-One', 'LoRA-FA'\]"),
+    ({"scale": "big"}, r"unknown init.scale 'big'; allowed: \['stable', 'gd', 'unit'\]"),
+    ({"mode": "svd"}, r"unknown init.mode 'svd'; allowed: \['gradient'\].*init=pissa"),
+    ({"dtype": "int8"}, r"unknown init.dtype 'int8'; allowed: \['float32', 'fp32', 'bfloat16'"),
+    ({"metric": "maybe"}, r"unknown init.metric 'maybe'; allowed: \['on', 'off'\]"),
+    ({"ga_direction": "BA"}, r"allowed: \['ArB2r', 'A2rBr', 'ArBr'\]"),
+    ({"rank": "auto"}, "use init.direction=LoRA-FA"),
+    ({"rank": 3}, r"unknown init.rank 3; allowed"),
+    ({"bsz": 0}, "init.bsz must be an integer >= 1"),
+    ({"energy": 1.5}, r"init.energy must be in \(0, 1\]"),
+])
+def test_bad_init_values_fail_at_config_resolution(overrides, message):
+    from test_config import compose_cfg
+
+    from peftlab.config import resolve_config
+
+    cfg = compose_cfg(["+init=gradient", *[f"++init.{k}={v}" for k, v in overrides.items()]])
+    with pytest.raises(ValueError, match=message):
+        resolve_config(cfg)
 
 
+def test_bad_pissa_niter_fails_at_config_resolution():
+    from test_config import compose_cfg
+
+    from peftlab.config import resolve_config
+
+    assert resolve_config(compose_cfg(["+init=pissa", "++init.niter=4"])).init.niter == 4
+    with pytest.raises(ValueError, match="init.niter must be null"):
+        resolve_config(compose_cfg(["+init=pissa", "++init.niter=fast"]))
+
+
+# ---- end to end -----------------------------------------------------------------------------------------------------
 SEED = ["-m", "++dataset_name=meta_math", "++model.epochs=1", "++model.eval_epochs=1", "+init=gradient",
         "++init.direction=LoRA-FA", "++init.weight=stable", "++init.stable_gamma=128", "+peft=qv", "++peft.lora_r=8",
         "++peft.use_rslora=True", "++peft.lora_alpha=16", "++wandb.name=x", "++wandb.project=lorafa", "++init.iters=8"]
 
 
+def run_seed(tmp_path, extra):
+    cmd = [sys.executable, str(ROOT / "run_exp.py"), *SEED, *extra, "++train.max_steps=4", "++wandb.mode=disabled",
+           f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    summary = json.loads((tmp_path / "sweep/0/summary.json").read_text())
+    cfg = OmegaConf.load(tmp_path / "sweep/0/.hydra/config.yaml")
+    assert summary["init"] == "gradient" and summary["steps"] == 4
+    assert summary["final_eval_loss"] < summary["initial_eval_loss"]
+    assert cfg.init.weight == "stable" and cfg.wandb.project == "lorafa" and cfg.init.iters == 8
+    row0 = json.loads((tmp_path / "sweep/0/metrics.jsonl").read_text().splitlines()[0])
+    assert row0["step"] == 0 and row0["init/calibration_samples"] == 8
+    return summary
+
+
 @pytest.mark.slow
 def test_seed_command_on_a_local_metamath_file(tmp_path, embedded_data_dir):
-    rows = [json.loads(l) for l in (embedded_data_dir / "train.jsonl").read_text().splitlines()[:200]]
-    f = tmp_path / "MetaMathQA.json"
-    f.write_text(json.dumps([{"query": r["question"], "response": r["answer"].replace("####", "The answer is:"),
-                              "type": "GSM_AnsAug"} for r in rows]))
-    cmd = [sys.executable, str(ROOT / "run_exp.py"), *SEED, f"++dataset.path={f}", "++dataset.eval_samples=32",
-           "++wandb.mode=disabled", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    s = json.loads((tmp_path / "sweep/0/summary.json").read_text())
-    assert s["init"] == "gradient" and s["dataset"] == "meta_math" and s["final_eval_loss"] < s["initial_eval_loss"]
-    cfg = OmegaConf.load(tmp_path / "sweep/0/.hydra/config.yaml")
-    assert cfg.init.weight == "stable" and cfg.wandb.project == "lorafa"
+    rows = [json.loads(l) for l in (embedded_data_dir / "train.jsonl").read_text().splitlines()[:240]]
+    f = tmp_path / "MetaMathQA.jsonl"
+    f.write_text("".join(json.dumps({"query": r["question"], "type": "GSM_AnsAug",
+                                     "response": r["answer"].replace("####", "The answer is:")}) + "\n" for r in rows))
+    s = run_seed(tmp_path, [f"++dataset.path={f}", "++dataset.eval_samples=16"])
+    assert s["dataset"] == "meta_math"
+
+
+@pytest.mark.slow
+def test_seed_command_on_the_embedded_default(tmp_path):
+    s = run_seed(tmp_path, ["++dataset_name=tiny", "++dataset.eval_samples=16"])
+    assert s["dataset"] == "tiny"
+
+
+@pytest.mark.slow
+def test_resumed_rank_auto_run_exports_the_same_adapter(tmp_path):
+    """A finished rank-auto run resumed from its checkpoint (init skipped, layers rebuilt at peft.lora_r) exports
+    the same PEFT adapter, ranks and alphas."""
+    from safetensors.torch import load_file
+
+    from peftlab.train import train
+    from test_config import compose_cfg
+
+    overrides = ["wandb.mode=disabled", "train.max_steps=3", "++dataset.eval_samples=16", "+init=gradient",
+                 "++init.direction=LoRA-FA", "++init.rank=auto", "++init.energy=0.6", "+peft=qkvo",
+                 "++peft.use_rslora=True"]
+    for resume in (False, True):
+        cfg = compose_cfg([*overrides, f"resume={resume}"])
+        cfg.run_dir = str(tmp_path)
+        train(cfg)
+        config = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
+        tensors = load_file(str(tmp_path / "adapter/adapter_model.safetensors"))
+        if not resume:
+            first_config, first = config, tensors
+    assert first_config["rank_pattern"] and config["rank_pattern"] == first_config["rank_pattern"]
+    assert config["alpha_pattern"] == first_config["alpha_pattern"]
+    for k in first:
+        torch.testing.assert_close(tensors[k], first[k])

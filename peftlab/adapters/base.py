@@ -241,10 +241,11 @@ class MethodSpec:
         """None lets the trainer build its default AdamW."""
         return None
 
-    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> dict[str, float]:
-        """Runs after every optimizer step on the unwrapped model; returns metrics to log."""
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, method_cfg: Any
+                   ) -> dict[str, float]:
+        """Runs after every optimizer step on the unwrapped model (every process); returns metrics to log."""
         return {}
 
-    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+    def extra_loss(self, model: nn.Module, method_cfg: Any) -> torch.Tensor | None:
         """A regulariser added to the task loss (e.g. an orthogonality penalty); logged separately."""
         return None

@@ -5,12 +5,13 @@ Each returns (A, B) with A r x in, B out x r; the layer's forward adds s * B @ A
   A = V[:, :r]^T, B = U[:, r:2r] (ArB2r), each factor times d_out^(1/4)/sqrt(gamma) (stable), / s (gd) or 1 (unit).
   ``convention="peft"`` follows HF PEFT 0.21's ``lora_ga``: B also carries its singular values and the stable
   factor goes on B alone. The base weight is offset by -s B A so the initial output is unchanged.
-- LoRA-One (Zhang et al. 2025): one spectrally normalised rank-r step along -G, no offset:
-  s B A = (s / gamma) [-G]_r / s1 with B = U_r sqrt(S_r / s1) / sqrt(gamma), A = sqrt(S_r / s1) V_r^T / sqrt(gamma).
+- LoRA-One (Zhang et al. 2025): one spectrally normalised rank-r step along -G, no offset. With -G = U S V^T,
+  B = U_r sqrt(S_r / s1) c and A = sqrt(S_r / s1) V_r^T c, c = 1/sqrt(gamma) (stable: s B A = (s/gamma) [-G]_r / s1),
+  1/s (gd) or 1 (unit), as the authors' code (stable there has no d_out^(1/4) for LoRA-One, unlike LoRA-GA).
 - LoRA-FA (peftlab's definition, see DESIGN.md): the same step in the function-space metric P = Sigma + damping
   (tr Sigma / n) I of the layer's input second moment Sigma: with -G P^{-1/2} = U S V^T, B = U_r sqrt(S_r),
-  A = sqrt(S_r) V_r^T P^{-1/2}; B A normalised to spectral norm 1, the scalar split so ||B||_F = ||A||_F, then the
-  stable scale of LoRA-One. With P = I (or Sigma proportional to I) it is exactly LoRA-One.
+  A = sqrt(S_r) V_r^T P^{-1/2}; B A normalised to spectral norm 1, the scalar split so ||B||_F = ||A||_F, then
+  LoRA-One's factor c on each. With P = I (or Sigma proportional to I) it is exactly LoRA-One.
 """
 from __future__ import annotations
 
@@ -27,16 +28,20 @@ def _svd(M: torch.Tensor):
 
 
 def _step_scale(scale: str, scaling: float, gamma: float) -> float:
-    """The factor applied to each of B and A in LoRA-One / LoRA-FA."""
+    """The factor on each of B and A in LoRA-One / LoRA-FA (the authors' code: gd divides each factor by s)."""
     if scale == "stable":
         return gamma ** -0.5
-    if scale == "gd":  # s B A equals the normalised step itself, whatever the LoRA scaling
-        return scaling ** -0.5
-    return 1.0
+    if scale == "gd":
+        return 1.0 / scaling
+    if scale == "unit":
+        return 1.0
+    raise ValueError(f"unknown init.scale {scale!r}; allowed: {list(SCALES)}")
 
 
 def lora_ga(G: torch.Tensor, r: int, scaling: float, scale: str = "stable", gamma: float = 16.0,
             ga_direction: str = "ArB2r", convention: str = "paper") -> tuple[torch.Tensor, torch.Tensor]:
+    if scale not in SCALES:
+        raise ValueError(f"unknown init.scale {scale!r}; allowed: {list(SCALES)}")
     if 2 * r > min(G.shape):
         raise ValueError(f"LoRA-GA needs 2r <= min(out, in); r={r}, weight {tuple(G.shape)}")
     U, S, Vh = _svd(G)

@@ -1,18 +1,26 @@
 """Full-batch gradient estimation and the gradient inits (LoRA-GA, LoRA-One, LoRA-FA).
 
-G is the gradient of the mean token loss over all bsz x iters calibration samples: the same G whatever the split
-into batches or processes. Each process takes a strided shard of the samples; per-weight fp32 accumulators are summed
-over processes once at the end and divided by the global target-token count. Only the target base weights get
-gradients, and a post-accumulate-grad hook moves each fresh gradient into its fp32 accumulator (on the CPU with
-``offload``) and frees it, so no gradient of every parameter is ever held in the model's dtype.
-For LoRA-FA, forward hooks collect each target layer's input second moment Sigma = E[x x^T] over the non-padding
-calibration tokens in the same pass, once per distinct input (q, k and v read the same tensor).
+G is the gradient of the mean token loss over all bsz x iters calibration samples (a seeded random subset of the
+training examples, the same on every process): summed token cross-entropy / the global count of target tokens, so
+G is the same whatever the split into micro-batches (bsz) or processes. Each process takes a strided shard; per-weight
+fp32 accumulators are summed over processes once at the end.
+
+Memory: only the target base weights require gradients, and a post-accumulate-grad hook moves each fresh gradient
+into its fp32 accumulator (on the CPU with ``offload``) and frees it, so no gradient of every parameter is ever held.
+The pass runs in eval mode (no dropout: G is the gradient of the deterministic loss), so gradient checkpointing does
+not apply; its peak is one forward+backward of a micro-batch of ``bsz`` samples (lower bsz to bound it; G does not
+change) plus the accumulators.
+
+For LoRA-FA, forward pre-hooks collect each target layer's input second moment Sigma = E[x x^T] over ALL non-padding
+tokens of the calibration samples (prompt tokens too: the layer processes them and a change of W changes their
+features, which later target tokens attend to), once per distinct input tensor (q, k and v read the same one).
 """
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -26,14 +34,16 @@ from .directions import (DIRECTIONS, GA_DIRECTIONS, SCALES, inverse_sqrt_metric,
                          rank_by_energy, whitened_spectrum)
 
 MODES = ("gradient",)
-DTYPES = ("float32", "bfloat16", "float16")
-ESTIMATE_VERSION = 1
+# the estimation pass's autocast dtype; fp32/bf16/fp16 are the seed's spellings
+DTYPES = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+ESTIMATE_VERSION = 2
 
 
-def calibration_samples(examples: list[Example], n: int, seed: int, max_length: int | None) -> list[Example]:
+def calibration_samples(examples: list[Example], n: int, seed: int, max_length: int | None = None) -> list[Example]:
     """A seeded random subset of n training examples (truncated to max_length), the same on every process."""
     if n > len(examples):
-        raise ValueError(f"init needs bsz x iters = {n} calibration samples but the training set has "
+        raise ValueError(f"the gradient init needs bsz x iters = {n} calibration samples but the training set has "
                          f"{len(examples)}; lower init.bsz or init.iters")
     idx = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))[:n].tolist()
     L = max_length or None
@@ -42,15 +52,15 @@ def calibration_samples(examples: list[Example], n: int, seed: int, max_length: 
 
 @contextlib.contextmanager
 def _estimation_mode(model: torch.nn.Module, layers: dict[str, AdapterLayer]):
-    """Adapters off, every parameter frozen but the target base weights; restored afterwards."""
+    """Adapters off, every parameter frozen but the target base weights, eval mode; all restored afterwards."""
     saved = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in layers.values():
         layer.base.weight.requires_grad_(True)
-        layer.disabled = True
-    was_training = model.training
-    model.eval()  # no dropout: G is the gradient of the deterministic loss
+        layer.disabled = True  # G is the gradient at the base weights, whatever the adapters hold now
+    model.eval()
     try:
         yield
     finally:
@@ -62,17 +72,32 @@ def _estimation_mode(model: torch.nn.Module, layers: dict[str, AdapterLayer]):
         model.train(was_training)
 
 
-def estimate_gradient(model: torch.nn.Module, layers: dict[str, AdapterLayer], samples: list[Example], pad_id: int,
-                      bsz: int, accelerator=None, second_moments: bool = False, offload: bool = False,
-                      autocast_dtype: torch.dtype | None = None, aligner: Any = None, progress: bool = True
-                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
-    """(G per layer as out x in fp32, Sigma per layer as in x in fp32 (empty unless asked), global target tokens)."""
+def _token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     from ..train import token_loss_sum
 
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    return token_loss_sum(logits, batch["labels"])
+
+
+def estimate_gradient(model: torch.nn.Module, layers: dict[str, AdapterLayer], samples: list[Example], pad_id: int,
+                      bsz: int, accelerator=None, second_moments: bool = False, offload: bool = False,
+                      autocast_dtype: torch.dtype | None = None,
+                      loss_sum: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None, progress: bool = True
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+    """(G per layer as out x in fp32, Sigma per layer as in x in fp32 (empty unless asked), global target tokens).
+
+    ``bsz`` is the global micro-batch: each of the ``world`` processes runs bsz // world samples per pass.
+    ``loss_sum(model, batch)`` replaces the summed token cross-entropy (e.g. a teacher-alignment objective); it is
+    divided by the global target-token count like the default."""
+    loss_sum = loss_sum or _token_loss_sum
     rank = accelerator.process_index if accelerator else 0
     world = accelerator.num_processes if accelerator else 1
     device = next(model.parameters()).device
     acc_device = torch.device("cpu") if offload else device
+    total_targets = sum(e.n_targets for e in samples)  # every process knows all samples: no communication
+    if total_targets == 0:
+        raise ValueError("the calibration samples have no target tokens (all labels are -100 after truncation); "
+                         "raise init.max_length or model.max_length")
     grads = {n: torch.zeros(l.out_features, l.in_features, dtype=torch.float32, device=acc_device)
              for n, l in layers.items()}
     weight_to_name = {l.base.weight: n for n, l in layers.items()}
@@ -86,31 +111,30 @@ def estimate_gradient(model: torch.nn.Module, layers: dict[str, AdapterLayer], s
     # second moments: one accumulator per distinct input tensor, shared by the layers that read it
     sigma_of: dict[str, int] = {}
     sigmas: list[torch.Tensor] = []
-    tokens_seen = torch.zeros(1, dtype=torch.float64, device=device)
+    tokens_seen = torch.zeros((), dtype=torch.float64, device=device)
     state: dict[str, Any] = {"mask": None, "inputs": {}}
 
     def on_input(name: str):
         def hook(module, args):
             x = args[0]
-            key = (x.data_ptr(), tuple(x.shape))
-            if key in state["inputs"]:
-                sigma_of.setdefault(name, state["inputs"][key])
+            key = (x.data_ptr(), tuple(x.shape), x.dtype)
+            if key in state["inputs"]:  # another layer already took this input in this pass
+                sigma_of.setdefault(name, state["inputs"][key][0])
                 return
             if name not in sigma_of:
                 sigma_of[name] = len(sigmas)
                 sigmas.append(torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=acc_device))
-            state["inputs"][key] = sigma_of[name]
+            state["inputs"][key] = (sigma_of[name], x)  # holding x keeps its address unique during the pass
             xs = x.detach().reshape(-1, x.shape[-1])[state["mask"]].float()
             sigmas[sigma_of[name]].add_((xs.T @ xs).to(acc_device))
         return hook
 
-    handles = []
     shard = samples[rank::world]
     micro = max(1, bsz // world)
-    total_targets = sum(e.n_targets for e in samples)  # every process knows all samples: no communication
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(shard), desc="gradient estimation", disable=not progress or rank != 0, dynamic_ncols=True)
+    handles = []
     try:
         with _estimation_mode(model, layers), torch.enable_grad():
             handles += [l.base.weight.register_post_accumulate_grad_hook(on_grad) for l in layers.values()]
@@ -121,15 +145,11 @@ def estimate_gradient(model: torch.nn.Module, layers: dict[str, AdapterLayer], s
                 state["mask"] = b["attention_mask"].reshape(-1).bool()
                 state["inputs"] = {}
                 tokens_seen += state["mask"].sum()
-                ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                       else contextlib.nullcontext())
-                with ctx:
-                    out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                output_hidden_states=bool(aligner is not None and aligner.needs_hidden_states))
-                    loss = token_loss_sum(out.logits, b["labels"])
-                    if aligner is not None:
-                        loss = loss + aligner.beta * aligner.loss_sum(out, b)
+                with (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                      else contextlib.nullcontext()):
+                    loss = loss_sum(model, b)
                 loss.backward()
+                state["inputs"] = {}
                 bar.update(len(shard[i:i + micro]))
     finally:
         for h in handles:
@@ -152,79 +172,101 @@ def _sum_over_processes(t: torch.Tensor, accelerator, device) -> torch.Tensor:
 
 # ---- the init -------------------------------------------------------------------------------------------------------
 def validate(init_cfg: Any) -> None:
-    checks = {"mode": MODES, "direction": DIRECTIONS, "scale": SCALES, "dtype": DTYPES,
-              "ga_direction": GA_DIRECTIONS, "ga_convention": ("paper", "peft"), "metric": ("on", "off")}
+    if init_cfg.get("mode") not in MODES:
+        raise ValueError(f"unknown init.mode {init_cfg.get('mode')!r}; allowed: {list(MODES)} (the seed's mode=svd "
+                         f"is +init=pissa here)")
+    checks = {"direction": DIRECTIONS, "scale": SCALES, "dtype": tuple(DTYPES), "ga_direction": GA_DIRECTIONS,
+              "ga_convention": ("paper", "peft"), "metric": ("on", "off")}
     for key, allowed in checks.items():
-        if init_cfg.get(key) not in allowed:
+        value = init_cfg.get(key)
+        value = {True: "on", False: "off"}.get(value, value) if key == "metric" else value  # YAML reads on as True
+        if value not in allowed:
             raise ValueError(f"unknown init.{key} {init_cfg.get(key)!r}; allowed: {list(allowed)}")
     for key in ("bsz", "iters"):
-        if int(init_cfg[key]) < 1:
-            raise ValueError(f"init.{key} must be >= 1, got {init_cfg[key]}")
+        if not isinstance(init_cfg.get(key), int) or init_cfg[key] < 1:
+            raise ValueError(f"init.{key} must be an integer >= 1, got {init_cfg.get(key)!r}")
+    if init_cfg.get("max_length") is not None and int(init_cfg.max_length) < 2:
+        raise ValueError(f"init.max_length must be null or >= 2, got {init_cfg.max_length}")
+    if float(init_cfg.stable_gamma) <= 0:
+        raise ValueError(f"init.stable_gamma must be > 0, got {init_cfg.stable_gamma}")
+    if float(init_cfg.damping) < 0:
+        raise ValueError(f"init.damping must be >= 0, got {init_cfg.damping}")
     if init_cfg.get("rank") not in (None, "auto"):
-        raise ValueError(f"init.rank must be null (peft.lora_r) or 'auto', got {init_cfg.rank!r}")
+        raise ValueError(f"unknown init.rank {init_cfg.rank!r}; allowed: [null (peft.lora_r), 'auto']")
     if init_cfg.get("rank") == "auto" and init_cfg.direction != "LoRA-FA":
-        raise ValueError("init.rank=auto chooses ranks from LoRA-FA's whitened spectrum; use direction=LoRA-FA")
+        raise ValueError("init.rank=auto chooses ranks from LoRA-FA's whitened spectrum; use init.direction=LoRA-FA")
     if not 0 < float(init_cfg.energy) <= 1:
         raise ValueError(f"init.energy must be in (0, 1], got {init_cfg.energy}")
 
 
-def _cache_path(ctx: InitContext, n: int, with_sigma: bool) -> Path | None:
+def _metric_on(init_cfg: Any) -> bool:
+    return init_cfg.get("metric") in ("on", True)
+
+
+def _cache_path(ctx: InitContext, samples: list[Example], with_sigma: bool) -> Path | None:
+    """The cache file for everything that determines G: the model (name and a fingerprint of the target weights),
+    the targets, the calibration tokens, the estimation dtype and whether Sigma is wanted."""
     c = ctx.cfg.init.get("cache")
     if not c:
         return None
-    from omegaconf import OmegaConf
-
     from ..data.embedded import cache_root
 
-    key = stable_hash({"model": str(ctx.cfg.model.name), "model_dtype": ctx.cfg.model.get("dtype"),
-                       "targets": sorted(ctx.layers), "dataset": OmegaConf.to_container(ctx.cfg.dataset),
-                       "max_length": [ctx.cfg.model.max_length, ctx.cfg.init.get("max_length")], "n": n,
-                       "seed": ctx.cfg.seed, "dtype": ctx.cfg.init.dtype, "sigma": with_sigma,
-                       "align": OmegaConf.to_container(ctx.cfg.get("align") or {}), "v": ESTIMATE_VERSION})
+    fingerprint = [[n, float(l.base.weight.double().sum()), float(l.base.weight.double().norm())]
+                   for n, l in sorted(ctx.layers.items())]
+    key = stable_hash({"model": str(ctx.cfg.model.get("name")), "weights": fingerprint,
+                       "samples": stable_hash([[e.input_ids, e.labels] for e in samples], 32),
+                       "dtype": str(DTYPES[ctx.cfg.init.dtype]), "sigma": with_sigma, "v": ESTIMATE_VERSION})
     root = cache_root() / "gradients" if c is True or c == "true" else Path(str(c))
     return root / f"grad-{key}.pt"
 
 
-def gradient_statistics(ctx: InitContext, with_sigma: bool):
-    """(G, Sigma) for the context's layers, from the cache file when one matches."""
+def gradient_statistics(ctx: InitContext, with_sigma: bool) -> tuple[dict, dict, int, bool]:
+    """(G, Sigma, target tokens, cache hit) for the context's layers."""
     ic = ctx.cfg.init
-    n = int(ic.bsz) * int(ic.iters)
-    path = _cache_path(ctx, n, with_sigma)
+    samples = calibration_samples(ctx.train_examples, int(ic.bsz) * int(ic.iters), int(ctx.cfg.get("seed", 0)),
+                                  ic.get("max_length"))
+    path = _cache_path(ctx, samples, with_sigma)
     acc = ctx.accelerator
     if path is not None and path.exists():
         blob = torch.load(path, map_location="cpu")
-        return blob["grads"], blob["sigmas"], blob["tokens"]
-    samples = calibration_samples(ctx.train_examples, n, int(ctx.cfg.seed), ic.get("max_length"))
-    dtype = None if ic.dtype == "float32" else getattr(torch, ic.dtype)
+        return blob["grads"], blob["sigmas"], blob["tokens"], True
     grads, sigmas, tokens = estimate_gradient(ctx.model, ctx.layers, samples, ctx.pad_id, int(ic.bsz), acc,
                                               second_moments=with_sigma, offload=bool(ic.get("offload")),
-                                              autocast_dtype=dtype, aligner=getattr(ctx, "aligner", None))
+                                              autocast_dtype=DTYPES[ic.dtype])
     if path is not None and (acc is None or acc.is_main_process):
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".tmp{id(path)}")
         torch.save({"grads": {k: v.cpu() for k, v in grads.items()},
                     "sigmas": {k: v.cpu() for k, v in sigmas.items()}, "tokens": tokens}, tmp)
         tmp.replace(path)
-    return grads, sigmas, tokens
+    return grads, sigmas, tokens, False
 
 
 @torch.no_grad()
 def run(ctx: InitContext) -> dict:
     ic = ctx.cfg.init
     layers = lora_factor_layers(ctx, "gradient")
-    fa = ic.direction == "LoRA-FA"
-    use_sigma = fa and ic.metric == "on"
-    grads, sigmas, tokens = gradient_statistics(ctx, use_sigma)
+    t0 = time.perf_counter()
+    use_sigma = ic.direction == "LoRA-FA" and _metric_on(ic)
+    grads, sigmas, tokens, hit = gradient_statistics(ctx, use_sigma)
+    t_estimate = time.perf_counter() - t0
+    gamma = float(ic.stable_gamma)
     ranks = {}
     for name, layer in list(layers.items()):
         dev = layer.lora_A.device
         G = grads[name].to(dev)
+        if not torch.isfinite(G).all():
+            raise FloatingPointError(f"the estimated gradient of {name} is not finite; try init.dtype=float32")
+        if not G.abs().max() > 0:
+            raise ValueError(f"the estimated gradient of {name} is zero on the calibration data, so it gives no "
+                             f"direction; choose other targets or use init=default")
         r = layer.rank
         if ic.direction == "LoRA-GA":
-            A, B = lora_ga(G, r, layer.scaling, ic.scale, float(ic.stable_gamma), ic.ga_direction,
-                           ic.ga_convention)
+            if 2 * r > min(G.shape):
+                raise ValueError(f"LoRA-GA needs 2 x lora_r <= min(out, in); {name} is {tuple(G.shape)}, r={r}")
+            A, B = lora_ga(G, r, layer.scaling, ic.scale, gamma, ic.ga_direction, ic.ga_convention)
         elif ic.direction == "LoRA-One":
-            A, B = lora_one(G, r, layer.scaling, ic.scale, float(ic.stable_gamma))
+            A, B = lora_one(G, r, layer.scaling, ic.scale, gamma)
         else:
             p_is = inverse_sqrt_metric(sigmas[name].to(dev), float(ic.damping)) if use_sigma else None
             U, S, Vh = whitened_spectrum(G, p_is)
@@ -232,18 +274,20 @@ def run(ctx: InitContext) -> dict:
                 r = rank_by_energy(S, float(ic.energy), layer.rank)
                 if r != layer.rank:
                     layer = _with_rank(ctx, name, layer, r)
-            A, B = lora_fa(G, r, layer.scaling, scale=ic.scale, gamma=float(ic.stable_gamma), svd=(p_is, U, S, Vh))
+            A, B = lora_fa(G, r, layer.scaling, scale=ic.scale, gamma=gamma, svd=(p_is, U, S, Vh))
         layer.lora_A.copy_(A.to(layer.lora_A.dtype))
         layer.lora_B.copy_(B.to(layer.lora_B.dtype))
-        if ic.direction == "LoRA-GA":  # keep the initial output unchanged
-            layer.set_offset(A, B, layer.scaling)
+        if ic.direction == "LoRA-GA":  # move the base so the initial output is unchanged
+            layer.set_offset(layer.lora_A, layer.lora_B, layer.scaling)
         ranks[name] = r
-    out = {"init/calibration_tokens": tokens, "init/mean_rank": sum(ranks.values()) / len(ranks)}
-    return out
+    return {"init/calibration_samples": int(ic.bsz) * int(ic.iters), "init/calibration_tokens": tokens,
+            "init/mean_rank": sum(ranks.values()) / len(ranks), "init/estimate_s": round(t_estimate, 3),
+            "init/cache_hit": int(hit)}
 
 
 def _with_rank(ctx: InitContext, name: str, layer: LoRALinear, r: int) -> LoRALinear:
-    """A fresh layer of rank r on the same base (rank: auto); the context's layer map follows."""
+    """A fresh layer of rank r on the same base (rank: auto); the model and the context's layer map follow.
+    A resumed run builds the layer at peft.lora_r and LoRALinear.load_adapter_state restores this rank and scaling."""
     new = LoRALinear(layer.base, r, layer.alpha, getattr(layer.dropout, "p", 0.0), layer.use_rslora,
                      dtype=layer.lora_A.dtype)
     set_module(ctx.model, name, new)

@@ -1,0 +1,89 @@
+"""Expand Hydra sweep syntax into a sweep file: one line of overrides per run, for slurm/array.sbatch.
+
+    python -m peftlab.sweep "init.iters=8,16,32" "seed=1,2,3" -o sweep.txt
+    sbatch --array=0-8 slurm/array.sbatch sweep.txt
+
+Parsing is Hydra's own (OverridesParser: `a=1,2`, `choice(...)`, `range(...)`, `glob(...)` over config groups,
+quoting), and the product is taken the way Hydra's BasicSweeper takes it (in the order the keys are first given, the
+last value of a repeated key winning), so line k holds the overrides of job k of `python run_exp.py -m <same args>`.
+Each line is shell words (shlex-quoted), which the array script reads back with `eval`.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from .config import CONF_DIR
+
+# Set per array task by slurm/array.sbatch; a sweep line that also set them would fight it.
+RESERVED = ("hydra.run.dir", "resume")
+
+
+def expand(overrides: list[str], check: bool = True) -> list[list[str]]:
+    """The override lists of every job of the sweep, in Hydra's job order."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    bad = [o for o in overrides if o in ("-m", "--multirun") or o.startswith("-")]
+    if bad:
+        raise ValueError(f"give overrides only (key=value, key=a,b, choice(...), range(...)), not options: {bad}")
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(CONF_DIR)))  # for glob() over groups
+    try:
+        parsed = OverridesParser.create(config_loader=loader).parse_overrides(overrides)
+        jobs = BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
+    except HydraException as e:
+        raise ValueError(f"cannot expand the sweep {overrides}: {e}") from None
+    for o in parsed:
+        if o.key_or_group in RESERVED:
+            raise ValueError(f"{o.key_or_group} is set per task by slurm/array.sbatch (a fixed run folder per task, "
+                             f"resume=true so a requeued task continues); leave it out of the sweep")
+    if check:
+        _check_compose(jobs)
+    return jobs
+
+
+def _check_compose(jobs: list[list[str]]) -> None:
+    """Compose every job's config now (as Hydra validates a batch before launching) so a typo fails here, not on
+    the cluster."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        for i, job in enumerate(jobs):
+            try:
+                compose("config", overrides=job)
+            except (HydraException, OmegaConfBaseException) as e:
+                raise ValueError(f"job {i} ({' '.join(job)}) does not compose: {e}") from None
+
+
+def to_line(job: list[str]) -> str:
+    return " ".join(shlex.quote(o) for o in job)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m peftlab.sweep", description=__doc__.split("\n\n")[0])
+    ap.add_argument("overrides", nargs="+", help="Hydra overrides, sweeps included: seed=1,2,3 'init.iters=8,16'")
+    ap.add_argument("-o", "--output", help="sweep file to write (default: print the lines)")
+    ap.add_argument("--no-check", action="store_true", help="skip composing each job's config")
+    args = ap.parse_args(argv)
+    try:
+        jobs = expand(args.overrides, check=not args.no_check)
+    except ValueError as e:
+        sys.exit(f"peftlab.sweep: {e}")
+    text = "".join(to_line(j) + "\n" for j in jobs)
+    if not args.output:
+        sys.stdout.write(text)
+        return
+    Path(args.output).write_text(text)
+    print(f"{len(jobs)} runs -> {args.output}; submit with:\n"
+          f"  sbatch --array=0-{len(jobs) - 1} slurm/array.sbatch {args.output}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
