@@ -138,7 +138,8 @@ def test_pissa_matches_peft_and_keeps_the_output(tiny_llama_dir, use_rslora):
 
 @pytest.fixture(scope="module")
 def decaying_llama_dir(tmp_path_factory, tiny_llama_dir):
-    """The tiny Llama with q/v weights of geometrically decaying spectrum, where a randomized SVD is accurate."""
+    """The tiny Llama with q/v weights whose spectrum has a gap after the 4th value, where randomized SVDs (PEFT's
+    has no oversampling) converge to the top-4 subspace in a few power iterations."""
     model = load(tiny_llama_dir)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -148,7 +149,8 @@ def decaying_llama_dir(tmp_path_factory, tiny_llama_dir):
                 U, _ = torch.linalg.qr(torch.randn(out, out, generator=g))
                 V, _ = torch.linalg.qr(torch.randn(inp, inp, generator=g))
                 k = min(out, inp)
-                m.weight.copy_((U[:, :k] * 0.5 ** torch.arange(k)) @ V[:, :k].T)
+                spectrum = torch.cat([torch.tensor([1.0, 0.8, 0.6, 0.4]), 1e-3 * 0.5 ** torch.arange(k - 4)])
+                m.weight.copy_((U[:, :k] * spectrum) @ V[:, :k].T)
     path = tmp_path_factory.mktemp("decaying_llama")
     model.save_pretrained(path)
     return path

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..utils import atomic_dir, atomic_write_text
 
-VERSION = "arith-v2"
+VERSION = "arith-v3"
 SPLIT_SIZES = {"train": 2048, "validation": 256, "test": 256}
 SPLIT_SEEDS = {"train": 0, "validation": 1, "test": 2}
 TINY_MODEL = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -60,7 +60,8 @@ def pretrain_text(rng: random.Random) -> tuple[str, str]:
     reasoning, final = p["answer"].split("\n#### ")
     if rng.random() < 0.3:
         a, b = rng.randint(0, 40), rng.randint(0, 40)
-        return "", f"{a} + {b} = {a + b}. {max(a, b)} - {min(a, b)} = {max(a, b) - min(a, b)}."
+        # sums end in '#### N' so the answer marker is a known token; the problems never use it in pretraining
+        return "", f"{a} + {b} = {a + b}. {max(a, b)} - {min(a, b)} = {max(a, b) - min(a, b)}.\n#### {a + b}"
     return f"Q: {p['question']}\nA: ", f"{reasoning} The answer is {final}."
 
 

@@ -1,6 +1,11 @@
-"""Scaled (Riemannian) AdamW for LoRA factors, as LoRA-One's optimizer with "pre-conditioners":
-g_A <- (B^T B + lam I)^-1 g_A and g_B <- g_B (A A^T + lam I)^-1 (lam = model.prec_reg), then the AdamW update.
-Parameters that are not LoRA factors are updated by plain AdamW."""
+"""Scaled (Riemannian) AdamW for LoRA factors, LoRA-One's optimizer "with pre-conditioners":
+g_A <- (B^T B + lam I)^-1 g_A and g_B <- g_B (A A^T + lam I)^-1 (lam = model.prec_reg), then torch's AdamW update.
+Parameters that are not LoRA factors are updated by plain AdamW.
+
+Differences from LoRA-One's own ``AdamWr``, on purpose: both preconditioners come from the factors before the step
+(theirs updates A first and preconditions B with the new A, which depends on the parameter order); the factors are
+found by layer, not by pairing consecutive parameters; Adam keeps torch's bias correction (theirs has none by
+default). The trainer clips gradients (train.max_grad_norm) before this preconditioning."""
 from __future__ import annotations
 
 import torch
