@@ -131,6 +131,9 @@ class AdapterLayer(nn.Module):
         The base weight must be the original one: the saved offset is re-applied to it.
         """
         state = dict(state)
+        if self.offset_A is not None:  # a layer that moved its base when built: back to the original first
+            self._add_to_base(self.offset_scaling * (self.offset_B @ self.offset_A))
+            self.offset_A = self.offset_B = None
         scaling = state.pop("offset_scaling", 1.0)
         off_A, off_B = state.pop("offset_A", None), state.pop("offset_B", None)
         own = dict(self.named_parameters()) | dict(self.named_buffers())
