@@ -179,8 +179,9 @@ dist.barrier(); dist.destroy_process_group()
 def test_gplora_trains_on_the_embedded_default_at_least_as_fast_as_lora(tmp_path):
     from test_train import run_inproc
 
-    lora = run_inproc(tmp_path / "lora", ["train.max_steps=64"])
-    gp = run_inproc(tmp_path / "gp", ["train.max_steps=64", "method=gplora"])
+    # the default run (2 epochs, 128 steps): GP-LoRA's defaults from the default init, against plain LoRA
+    lora = run_inproc(tmp_path / "lora", ["model.epochs=2", "train.max_steps=128"])
+    gp = run_inproc(tmp_path / "gp", ["model.epochs=2", "train.max_steps=128", "method=gplora"])
     rows = [json.loads(l) for l in (tmp_path / "gp" / "metrics.jsonl").read_text().splitlines()]
     assert max(r.get("gplora/projected_layers", 0) for r in rows) == 1.0  # the guard lets every layer in
     assert gp["final_eval_loss"] <= lora["final_eval_loss"] * 1.01
