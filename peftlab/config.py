@@ -1,7 +1,7 @@
 """Config resolution and checking, before any model loads.
 
-`init` and `peft` are appended groups (`+init=gradient`), so they may be absent: fall back to init=default and
-peft=qv. `dataset_name` picks conf/dataset/<name>.yaml; `dataset.*` keys override its fields. `init.weight` is the
+`init`, `peft` and `align` are appended groups (`+init=gradient`), so they may be absent: fall back to
+init=default, peft=qv and align=none. `dataset_name` picks conf/dataset/<name>.yaml; `dataset.*` keys override its fields. `init.weight` is the
 old name of `init.scale`.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-DEFAULT_CHOICES = {"init": "default", "peft": "qv"}
+DEFAULT_CHOICES = {"init": "default", "peft": "qv", "align": "none"}
 TARGET_SETS = ("qv", "qkvo", "all")
 WANDB_MODES = ("online", "offline", "disabled")
 SCHEDULERS = ("linear", "cosine", "constant")
@@ -60,9 +60,14 @@ def resolve_config(cfg: DictConfig) -> DictConfig:
         cfg.init = init
         cfg.init = _with_group_defaults(cfg, "init", init.get("name") or DEFAULT_CHOICES["init"])
         cfg.peft = _with_group_defaults(cfg, "peft", (cfg.get("peft") or {}).get("target_set") or DEFAULT_CHOICES["peft"])
+        cfg.align = _with_group_defaults(cfg, "align", (cfg.get("align") or {}).get("name") or DEFAULT_CHOICES["align"])
 
     get_method(cfg.method.name)  # raises listing the methods
     get_init(cfg.init.name).validate(cfg.init)
+    if cfg.align.name != "none":
+        from .align import validate_align_cfg
+
+        validate_align_cfg(cfg.align)
     p = cfg.peft
     if not p.get("lora_target_modules") and p.target_set not in TARGET_SETS:
         raise ValueError(f"unknown peft.target_set {p.target_set!r}; allowed: {list(TARGET_SETS)} "

@@ -280,6 +280,9 @@ def train(cfg: DictConfig) -> dict:
         model.enable_input_require_grads()
     model.config.use_cache = False
 
+    from .align import build_aligner
+
+    aligner = build_aligner(cfg, model, tokenizer, train_ex, tokenizer.pad_token_id, accelerator.device)
     ckpt_dir = run_dir / CHECKPOINT
     if accelerator.is_main_process:
         recover_dir(ckpt_dir)
@@ -290,7 +293,7 @@ def train(cfg: DictConfig) -> dict:
         load_adapters(model, ckpt_dir)
     else:
         init_metrics = get_init(cfg.init.name).run(InitContext(model, layers, cfg, train_ex, tokenizer.pad_token_id,
-                                                               accelerator, run_dir))
+                                                               accelerator, run_dir, aligner))
         layers = adapter_layers(model)  # an init may rebuild layers (e.g. per-layer ranks)
     torch.manual_seed(cfg.seed * 1000 + rank)  # after the (rank-identical) init: independent dropout per process
     params = [p for p in model.parameters() if p.requires_grad]
@@ -346,16 +349,24 @@ def train(cfg: DictConfig) -> dict:
         n_targets = sum(train_ex[i].n_targets for i in indices)  # known to every process: no communication
         micros = micro_batches(indices, m.per_device_batch_size, rank, world)
         loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        align_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        aligning = aligner is not None and aligner.active(step)
         extra_total = 0.0
         for j, idx in enumerate(micros):
             b = {k: v.to(accelerator.device) for k, v in collate([train_ex[i] for i in idx], pad_id).items()}
             sync = j == len(micros) - 1
             with (accelerator.no_sync(ddp_model) if (world > 1 and not sync) else _null()):
                 with accelerator.autocast():
-                    logits = ddp_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                    lsum = token_loss_sum(logits, b["labels"])
+                    out = ddp_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                    output_hidden_states=aligning and aligner.needs_hidden_states)
+                    lsum = token_loss_sum(out.logits, b["labels"])
+                    total = lsum
+                    if aligning:  # summed over the same answer tokens, so normalised like the task loss
+                        asum = aligner.loss_sum(out, b)
+                        total = lsum + aligner.beta * asum
+                        align_sum += asum.detach().double()
                     # DDP averages gradients over processes, hence * world
-                    loss = lsum * (world / n_targets)
+                    loss = total * (world / n_targets)
                     extra = spec.extra_loss(unwrap(ddp_model), cfg.method)
                     if extra is not None:
                         loss = loss + extra / len(micros)
@@ -363,8 +374,9 @@ def train(cfg: DictConfig) -> dict:
                 loss.backward()
             loss_sum += lsum.detach().double()
         loss_sum = accelerator.reduce(loss_sum, reduction="sum")
-        train_loss = float(loss_sum) / n_targets
-        if not math.isfinite(train_loss):
+        train_loss = float(loss_sum) / n_targets  # the task loss; the alignment term is logged apart
+        align_loss = float(accelerator.reduce(align_sum, reduction="sum")) / n_targets if aligning else 0.0
+        if not math.isfinite(train_loss + align_loss):
             bar.close()
             log.close()
             raise NonFiniteLoss(f"train loss is {train_loss} at step {step + 1}; stopped before the update, "
@@ -390,6 +402,10 @@ def train(cfg: DictConfig) -> dict:
             row["train/grad_norm"] = grad_norm
         if extra_total:
             row["train/extra_loss"] = extra_total
+        if aligner is not None:
+            row["align/active"] = int(aligning)
+            if aligning:
+                row["train/align_loss"] = align_loss
         if eval_every and (state["step"] % eval_every == 0 or state["step"] == total_steps) and eval_ex:
             state["last_eval_loss"] = row["eval/loss"] = evaluate(ddp_model, eval_ex, pad_id,
                                                                   m.per_device_batch_size, accelerator)

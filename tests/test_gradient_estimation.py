@@ -121,18 +121,20 @@ def test_offload_and_autocast(tiny_llama_dir):
         assert gbf[n].dtype == torch.float32 and (gbf[n] - g32[n]).norm() < 0.05 * g32[n].norm()
 
 
-def test_cache_reuses_g_keyed_by_the_calibration_data(tmp_path, tiny_llama_dir, monkeypatch):
+@pytest.mark.parametrize("where", ["folder", "file.pt"])
+def test_cache_reuses_g_keyed_by_the_calibration_data(tmp_path, tiny_llama_dir, monkeypatch, where):
     examples = random_examples(16)
     model = load(tiny_llama_dir)
     layers = apply_adapters(model, peft_cfg())
 
     def ctx(seed):
-        cfg = init_cfg(bsz=2, iters=2, cache=str(tmp_path / "cache"))
+        cfg = init_cfg(bsz=2, iters=2, cache=str(tmp_path / where))
         cfg.seed = seed
         return InitContext(model, layers, cfg, examples, 0)
 
     g1, s1, t1, hit1 = gradient_statistics(ctx(0), True)
-    assert not hit1 and len(list((tmp_path / "cache").glob("grad-*.pt"))) == 1
+    assert not hit1 and len(list(tmp_path.rglob("*.pt"))) == 1
+    estimate = gradient_init.estimate_gradient
     monkeypatch.setattr(gradient_init, "estimate_gradient", lambda *a, **k: pytest.fail("cache not used"))
     g2, s2, t2, hit2 = gradient_statistics(ctx(0), True)
     assert hit2 and t2 == t1 and all(torch.equal(g1[n], g2[n]) and torch.equal(s1[n], s2[n]) for n in QV)
@@ -140,6 +142,33 @@ def test_cache_reuses_g_keyed_by_the_calibration_data(tmp_path, tiny_llama_dir, 
         gradient_statistics(ctx(1), True)
     with pytest.raises(pytest.fail.Exception, match="cache not used"):  # Sigma asked for: another key
         gradient_statistics(ctx(0), False)
+    monkeypatch.setattr(gradient_init, "estimate_gradient", estimate)
+    g3, _, _, hit3 = gradient_statistics(ctx(1), True)  # recomputed, and G of other samples
+    assert not hit3 and not torch.allclose(g3[QV[0]], g1[QV[0]])
+
+
+def test_a_teacher_objective_replaces_the_task_loss(tmp_path, tiny_llama_dir):
+    """With ctx.aligner (peftlab/align.py) G is the gradient of its objective_sum / target tokens, cached apart."""
+    from peftlab.init.gradient import _token_loss_sum
+
+    class Doubling:  # stands for the aligner: task + beta * D with D = task, beta = 1
+        def objective_sum(self, model, batch):
+            return 2 * _token_loss_sum(model, batch)
+
+        def cache_key(self):
+            return {"teacher": "doubling"}
+
+    examples = random_examples(8)
+    model = load(tiny_llama_dir)
+    layers = apply_adapters(model, peft_cfg())
+    cfg = init_cfg(bsz=4, iters=1, cache=str(tmp_path))
+    g_task, _, _, _ = gradient_statistics(InitContext(model, layers, cfg, examples, 0), False)
+    ctx = InitContext(model, layers, cfg, examples, 0)
+    ctx.aligner = Doubling()
+    g_dual, _, _, hit = gradient_statistics(ctx, False)
+    assert not hit and len(list(tmp_path.glob("*.pt"))) == 2
+    for n in QV:
+        torch.testing.assert_close(g_dual[n], 2 * g_task[n])
 
 
 def test_samples_without_targets_fail_clearly(tiny_llama_dir):

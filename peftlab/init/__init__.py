@@ -24,6 +24,7 @@ class InitContext:
     pad_id: int = 0
     accelerator: Any = None
     run_dir: Any = None
+    aligner: Any = None  # a teacher: gradient inits then use the dual objective's gradient
 
 
 @dataclass

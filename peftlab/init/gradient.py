@@ -203,40 +203,54 @@ def _metric_on(init_cfg: Any) -> bool:
     return init_cfg.get("metric") in ("on", True)
 
 
-def _cache_path(ctx: InitContext, samples: list[Example], with_sigma: bool) -> Path | None:
-    """The cache file for everything that determines G: the model (name and a fingerprint of the target weights),
-    the targets, the calibration tokens, the estimation dtype and whether Sigma is wanted."""
-    c = ctx.cfg.init.get("cache")
-    if not c:
+def _cache_key(ctx: InitContext, samples: list[Example], with_sigma: bool, aligner: Any) -> str:
+    """Everything that determines G: the model (name and a fingerprint of the target weights), the targets, the
+    calibration tokens, the estimation dtype, whether Sigma is wanted and the teacher objective, if any."""
+    fingerprint = [[n, float(l.base.weight.double().sum()), float(l.base.weight.double().norm())]
+                   for n, l in sorted(ctx.layers.items())]
+    return stable_hash({"model": str(ctx.cfg.model.get("name")), "weights": fingerprint,
+                        "samples": stable_hash([[e.input_ids, e.labels] for e in samples], 32),
+                        "dtype": str(DTYPES[ctx.cfg.init.dtype]), "sigma": with_sigma, "v": ESTIMATE_VERSION,
+                        "align": aligner.cache_key() if aligner is not None else None})
+
+
+def _cache_path(cache: Any, key: str) -> Path | None:
+    """init.cache: null (off), true (the peftlab cache folder), a folder, or one .pt file (rewritten on a new key)."""
+    if not cache:
         return None
     from ..data.embedded import cache_root
 
-    fingerprint = [[n, float(l.base.weight.double().sum()), float(l.base.weight.double().norm())]
-                   for n, l in sorted(ctx.layers.items())]
-    key = stable_hash({"model": str(ctx.cfg.model.get("name")), "weights": fingerprint,
-                       "samples": stable_hash([[e.input_ids, e.labels] for e in samples], 32),
-                       "dtype": str(DTYPES[ctx.cfg.init.dtype]), "sigma": with_sigma, "v": ESTIMATE_VERSION})
-    root = cache_root() / "gradients" if c is True or c == "true" else Path(str(c))
-    return root / f"grad-{key}.pt"
+    if cache is True or cache == "true":
+        return cache_root() / "gradients" / f"grad-{key}.pt"
+    path = Path(str(cache)).expanduser()
+    return path if path.suffix == ".pt" else path / f"grad-{key}.pt"
 
 
 def gradient_statistics(ctx: InitContext, with_sigma: bool) -> tuple[dict, dict, int, bool]:
-    """(G, Sigma, target tokens, cache hit) for the context's layers."""
+    """(G, Sigma, target tokens, cache hit) for the context's layers. With a teacher (``ctx.aligner``, see
+    peftlab/align.py) G is the gradient of the dual objective task + beta * D."""
     ic = ctx.cfg.init
     samples = calibration_samples(ctx.train_examples, int(ic.bsz) * int(ic.iters), int(ctx.cfg.get("seed", 0)),
                                   ic.get("max_length"))
-    path = _cache_path(ctx, samples, with_sigma)
+    aligner = getattr(ctx, "aligner", None)
+    key = _cache_key(ctx, samples, with_sigma, aligner) if ic.get("cache") else None
+    path = _cache_path(ic.get("cache"), key)
     acc = ctx.accelerator
-    if path is not None and path.exists():
-        blob = torch.load(path, map_location="cpu")
+    blob = torch.load(path, map_location="cpu") if path is not None and path.exists() else None
+    hit = blob is not None and blob.get("key") == key
+    if path is not None and acc is not None and acc.num_processes > 1:  # all hit, or all estimate together
+        flag = torch.tensor([float(hit)], device=acc.device)
+        hit = bool(acc.reduce(flag, reduction="sum").item() == acc.num_processes)
+    if hit:
         return blob["grads"], blob["sigmas"], blob["tokens"], True
     grads, sigmas, tokens = estimate_gradient(ctx.model, ctx.layers, samples, ctx.pad_id, int(ic.bsz), acc,
                                               second_moments=with_sigma, offload=bool(ic.get("offload")),
-                                              autocast_dtype=DTYPES[ic.dtype])
+                                              autocast_dtype=DTYPES[ic.dtype],
+                                              loss_sum=aligner.objective_sum if aligner is not None else None)
     if path is not None and (acc is None or acc.is_main_process):
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{id(path)}")
-        torch.save({"grads": {k: v.cpu() for k, v in grads.items()},
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save({"key": key, "grads": {k: v.cpu() for k, v in grads.items()},
                     "sigmas": {k: v.cpu() for k, v in sigmas.items()}, "tokens": tokens}, tmp)
         tmp.replace(path)
     return grads, sigmas, tokens, False
