@@ -110,6 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{flag} must be >= 1")
     if a.limit is not None and a.limit < 1:
         p.error("--limit must be >= 1")
+    if a.num_fewshot < 0:
+        p.error("--num_fewshot must be >= 0")
     if a.temperature < 0 or not 0 < a.top_p <= 1:
         p.error("--temperature must be >= 0 and --top_p in (0, 1]")
     if a.stop is not None:
@@ -176,8 +178,7 @@ def fewshot_shots(a) -> tuple[list[tuple[str, str]], str]:
     if a.fewshot_source != "builtin":
         try:
             p = data_file(a.data, a.split)
-            train_data = str(p.parent) if p is not None and p.parent.joinpath("train" + p.suffix) != p else a.data
-            rows, source = read_rows(train_data, "train", a.data_config)
+            rows, source = read_rows(str(p.parent) if p is not None else a.data, "train", a.data_config)
             rows = [(str(r[a.question_field]), str(r[a.answer_field])) for r in rows]
             if len(rows) >= a.num_fewshot:
                 return random.Random(FEWSHOT_SEED).sample(rows, a.num_fewshot), source
@@ -308,8 +309,8 @@ def generate(model, tok, prompts: list[str], batches, a, stops: list[str], show:
     from transformers import GenerationConfig
 
     ends = eos_ids(model, tok)
-    gen_cfg = GenerationConfig(max_new_tokens=a.max_new_tokens, do_sample=a.temperature > 0, pad_token_id=tok.pad_token_id,
-                               eos_token_id=ends, stop_strings=stops or None,
+    gen_cfg = GenerationConfig(max_new_tokens=a.max_new_tokens, do_sample=a.temperature > 0,
+                               pad_token_id=tok.pad_token_id, eos_token_id=ends, stop_strings=stops or None,
                                **({"temperature": a.temperature, "top_p": a.top_p} if a.temperature > 0 else {}))
     done_ids = set(ends) | {tok.pad_token_id}
     out = {}
@@ -332,8 +333,7 @@ def generate(model, tok, prompts: list[str], batches, a, stops: list[str], show:
             n = next((k for k, t in enumerate(row) if t in done_ids), len(row))
             text = tok.decode(row[:n], skip_special_tokens=True)
             cut = truncate_at_stops(text, stops)
-            out[i] = {"generation": cut, "num_tokens": n, "hit_max_new_tokens": n == len(row) and cut == text
-                      and len(row) == a.max_new_tokens}
+            out[i] = {"generation": cut, "num_tokens": n, "hit_max_new_tokens": n == a.max_new_tokens and cut == text}
         bar.update(len(idx))
 
     for b, idx in batches:
@@ -344,7 +344,8 @@ def generate(model, tok, prompts: list[str], batches, a, stops: list[str], show:
 
 # ---- scoring and output -------------------------------------------------------------------------------------------
 def _num(v: float | None):
-    return int(v) if v is not None and v.is_integer() and abs(v) < 2 ** 53 else v
+    """18.0 -> 18 in the predictions file."""
+    return int(v) if v is not None and float(v).is_integer() and abs(v) < 2 ** 53 else v
 
 
 def score_rows(rows: list[dict]) -> dict:
@@ -419,8 +420,11 @@ def rescore(a) -> dict:
         raise FileNotFoundError(f"--score {path} does not exist")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     before = [(r.get("correct_strict"), r.get("correct_flexible")) for r in rows]
-    results = score_rows(rows)
-    results.update(rescored_from=str(path),
+    scored = score_rows(rows)
+    prev = path.parent / "results.json"  # the run's settings (model, data, format), when the file came from eval_gsm8k
+    results = {k: v for k, v in (json.loads(prev.read_text()) if prev.is_file() else {}).items()
+               if k.split("_")[0] not in ("accuracy", "correct", "stderr", "changed", "rescored")}
+    results.update(scored, rescored_from=str(path),
                    changed_strict=sum(b[0] is not None and b[0] != r["correct_strict"] for b, r in zip(before, rows)),
                    changed_flexible=sum(b[1] is not None and b[1] != r["correct_flexible"]
                                         for b, r in zip(before, rows)))
@@ -472,9 +476,15 @@ def main(argv=None) -> dict:
     rank, world, device, started = setup_distributed()
     try:
         model, tok = load_model(src, a, device)
-        prompts = [template.format(question=e["question"]) for e in examples]
-        lengths = [len(ids) for ids in tok(prompts)["input_ids"]]
-        batches = plan_batches(lengths, a.batch_size, rank, world)
+        info = dict(model=src["model"], adapter=src["adapter"], run_dir=src["run_dir"],
+                    merged_adapter=bool(src["adapter"]) and not a.no_merge, data=data_desc, split=a.split,
+                    limit=a.limit, prompt_format=fmt, prompt_template=template, fewshot_source=shot_source,
+                    num_fewshot=len(shots), stop=stops, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
+                    temperature=a.temperature, top_p=a.top_p, seed=a.seed, processes=world, device=str(device),
+                    dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
+        # str.replace, not str.format: few-shot answers may hold braces
+        prompts = [template.replace("{question}", e["question"]) for e in examples]
+        batches = plan_batches([len(ids) for ids in tok(prompts)["input_ids"]], a.batch_size, rank, world)
         if rank == 0:
             print(f"eval_gsm8k: {len(examples)} examples from {data_desc}; model {src['model']}"
                   f"{' + adapter ' + src['adapter'] if src['adapter'] else ''}; format {fmt}; {world} process(es)",
@@ -491,9 +501,7 @@ def main(argv=None) -> dict:
             rows = sorted(mine, key=lambda r: r["index"])
             if [r["index"] for r in rows] != list(range(len(examples))):
                 raise RuntimeError("gathered predictions do not cover every example exactly once")
-            t2 = time.time()
-            results = finish(a, src, rows, fmt, template, stops, shot_source, data_desc, world, device, model,
-                             times=(t0, t1, t2))
+            results = finish(a, rows, info, t0, t1)
         if world > 1:
             torch.distributed.barrier()
         return results
@@ -502,24 +510,19 @@ def main(argv=None) -> dict:
             torch.distributed.destroy_process_group()
 
 
-def finish(a, src, rows, fmt, template, stops, shot_source, data_desc, world, device, model, times) -> dict:
-    t0, t1, t2 = times
-    results = score_rows(rows)
-    out_dir = Path(a.output_dir) if a.output_dir else (
-        Path(src["run_dir"]) / "eval" if src["run_dir"] else
-        Path("eval_out") / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{re.sub(r'[^A-Za-z0-9._-]+', '_', src['model'])[-60:]}")
+def finish(a, rows: list[dict], info: dict, t0: float, t1: float) -> dict:
+    """Score, write predictions.jsonl and results.json, print the table, log to wandb (rank 0)."""
+    t2 = time.time()
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", info["model"])[-60:]
+    out_dir = Path(a.output_dir or (Path(info["run_dir"]) / "eval" if info["run_dir"] else
+                                    Path("eval_out") / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{slug}"))
     new_tokens = sum(r["num_tokens"] for r in rows)
-    results.update(
-        task="gsm8k", model=src["model"], adapter=src["adapter"], run_dir=src["run_dir"], merged_adapter=bool(
-            src["adapter"]) and not a.no_merge, data=data_desc, split=a.split, limit=a.limit, prompt_format=fmt,
-        prompt_template=template, num_fewshot=a.num_fewshot if fmt == "fewshot" else 0, fewshot_source=shot_source,
-        stop=stops, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-        top_p=a.top_p, seed=a.seed, dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
-        processes=world, device=str(device), hit_max_new_tokens=sum(r["hit_max_new_tokens"] for r in rows),
-        mean_new_tokens=new_tokens / len(rows), load_time_s=round(t1 - t0, 3), generation_time_s=round(t2 - t1, 3),
-        wall_time_s=round(time.time() - t0, 3), examples_per_s=len(rows) / max(t2 - t1, 1e-9),
-        new_tokens_per_s=new_tokens / max(t2 - t1, 1e-9), output_dir=str(out_dir),
-        created=datetime.datetime.now().isoformat(timespec="seconds"))
+    results = {"task": "gsm8k", **score_rows(rows), **info,
+               "hit_max_new_tokens": sum(r["hit_max_new_tokens"] for r in rows),
+               "mean_new_tokens": new_tokens / len(rows), "load_time_s": round(t1 - t0, 3),
+               "generation_time_s": round(t2 - t1, 3), "wall_time_s": round(t2 - t0, 3),
+               "examples_per_s": len(rows) / max(t2 - t1, 1e-9), "new_tokens_per_s": new_tokens / max(t2 - t1, 1e-9),
+               "output_dir": str(out_dir), "created": datetime.datetime.now().isoformat(timespec="seconds")}
     write_outputs(out_dir, rows, results)
     print(format_table(results), f"\nwrote {out_dir / 'predictions.jsonl'} and {out_dir / 'results.json'}", flush=True)
     log_wandb(a, results, rows)
