@@ -251,11 +251,17 @@ def evaluate(model, examples: list[Example], pad_id: int, batch: int, accelerato
 def train(cfg: DictConfig) -> dict:
     """Train one run as configured; returns the summary (also written to run_dir/summary.json)."""
     cfg = resolve_config(cfg)
+    stop = StopSignal()  # from the start: a signal during loading or the init must not kill the run
     t_start = time.time()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(cfg)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        raise NotImplementedError(
+            f"the trainer does not shard adapters yet ({accelerator.distributed_type.name}): checkpoints, export and "
+            "method hooks need whole adapter matrices; launch with conf/accelerate/ddp.yaml (LoRA adapters are small, "
+            "DDP replicates only them in the optimizer)")
     m = cfg.model
     per_step_micro = m.real_batch_size // m.per_device_batch_size
     if per_step_micro % world:
@@ -287,7 +293,9 @@ def train(cfg: DictConfig) -> dict:
     if accelerator.is_main_process:
         recover_dir(ckpt_dir)
     accelerator.wait_for_everyone()
-    resuming = bool(cfg.resume) and (ckpt_dir / "trainer_state.json").exists()
+    # a requeued SLURM job resumes even when its command line lacks resume=true (e.g. submitit multiruns)
+    requeued = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+    resuming = (bool(cfg.resume) or requeued) and (ckpt_dir / "trainer_state.json").exists()
     init_metrics = {}
     if resuming:
         load_adapters(model, ckpt_dir)
@@ -322,7 +330,6 @@ def train(cfg: DictConfig) -> dict:
         log.truncate_after(state["step"])
     elif main:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    stop = StopSignal()
     pad_id = tokenizer.pad_token_id
     save_every = int(cfg.train.save_every or 0)
 

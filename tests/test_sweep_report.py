@@ -16,8 +16,8 @@ from peftlab.report import report
 from peftlab.sweep import expand
 
 ROOT = Path(__file__).resolve().parents[1]
-SWEEP = ["+init=gradient", "init.iters=8,16", "seed=range(1,3)", "++peft.lora_r=choice(4,8)", "model.lr=1e-3",
-         "++dataset.prompt='Q: {query}, A: '", "method=glob(*)", "init.iters=4,32"]  # the repeat replaces 8,16
+SWEEP = ["+init=gradient", "init.iters=8,16", "seed=range(1,3)", "++peft.lora_r=choice(4)", "model.lr=1e-3",
+         "++dataset.prompt='Q: {query}, A: '", "+peft=glob(q*)", "init.iters=4,32"]  # the repeat replaces 8,16
 
 # run_exp.py with train() stubbed: Hydra composes, launches and writes each job's .hydra/overrides.yaml as usual
 STUB = """import runpy, sys
@@ -43,8 +43,8 @@ def test_sweep_file_lines_are_the_jobs_of_hydra_multirun(tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     lines = [shlex.split(l) for l in out.read_text().splitlines()]
-    methods = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
-    assert len(lines) == 2 * 2 * 2 * len(methods)
+    assert len(lines) == 2 * 2 * 2  # init.iters x seed x the peft sets matching q* (qkvo, qv)
+    assert {l[6] for l in lines} == {"+peft=qkvo", "+peft=qv"}
     assert f"sbatch --array=0-{len(lines) - 1} slurm/array.sbatch" in r.stderr
     hydra_jobs = hydra_multirun_jobs(tmp_path / "multirun", SWEEP)
     assert lines == hydra_jobs
