@@ -1,4 +1,5 @@
-"""Shared bench helpers: medians over repeats, Llama-shaped random models, the machine, JSON results."""
+"""Shared bench helpers: medians over repeats (interleaved when comparing), Llama-shaped random models, the machine,
+JSON results in bench/results/."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -23,29 +25,56 @@ def machine() -> dict:
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object]) -> float:
+    _sync()
+    t = time.perf_counter()
+    fn()
+    _sync()
+    return time.perf_counter() - t
+
+
 def median_time(fn, repeats: int = 5, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(timed(fn) for _ in range(repeats))
 
 
-def llama(hidden: int = 512, layers: int = 4, vocab: int = 2048, dtype=torch.float32, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1) -> dict[str, list]:
+    """Every repeat runs each function once, in a rotated order, so that a change of machine load hits all alike;
+    returns the per-repeat seconds of each (take the median)."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    times = {n: [] for n in names}
+    for rep in range(repeats):
+        k = rep % len(names)
+        for n in names[k:] + names[:k]:
+            times[n].append(timed(fns[n]))
+    return times
+
+
+def llama_config(hidden: int = 512, layers: int = 4, vocab: int = 2048, intermediate: int | None = None,
+                 heads: int | None = None, kv_heads: int | None = None, max_positions: int = 4096):
+    from transformers import LlamaConfig
+
+    heads = heads or max(1, hidden // 64)
+    return LlamaConfig(hidden_size=hidden, intermediate_size=intermediate or int(hidden * 8 / 3) // 64 * 64,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
+                       vocab_size=vocab, max_position_embeddings=max_positions)
+
+
+def llama(hidden: int = 512, layers: int = 4, vocab: int = 2048, dtype=torch.float32, seed: int = 0, **config):
+    """A Llama-shaped causal LM with random weights (seeded)."""
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 64 * 64, num_hidden_layers=layers,
-                      num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 64),
-                      vocab_size=vocab, max_position_embeddings=4096)
-    return LlamaForCausalLM(cfg).to(dtype)
+    return LlamaForCausalLM(llama_config(hidden, layers, vocab, **config)).to(dtype)
 
 
 def write(name: str, payload: dict) -> Path:

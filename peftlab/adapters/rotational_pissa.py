@@ -1,24 +1,42 @@
 """Rotational PiSSA: W = W_res + U R_U diag(S) R_V^T V^T with (U, S, V) the top singular triplets of W, the residual
-W_res frozen (optionally NF4), and trainable rotations of the singular vectors.
+W_res frozen (optionally NF4), and trainable rotations R_U, R_V of the singular vectors (S frozen or trained, fp32).
+
+Representation: the base module holds W_res (set_offset moves it by -U_r diag(S_r) V_r^T, so export and resume know
+the move), and ``adapter_forward`` returns the whole rotated principal part U R_U diag(S) R_V^T V^T x.
 
 way0: free R (init I) with the penalty w * (||R_U^T R_U - I||^2 + ||R_V^T R_V - I||^2), added to the loss.
-way1: layers of disjoint Givens rotations (angles trainable), merged into U and V and restarted every merge_every steps.
+way1: layers of disjoint Givens rotations (angles trainable; brick-wall pairings (0,1),(2,3).. then (1,2),(3,4)..),
+      folded into U and V and restarted at angle 0 every merge_every steps (after_step).
 way2: Cayley map (I - K)^-1 (I + K) of a low-rank skew-symmetric K = B C^T - C B^T ("I + K" alone is not orthogonal).
-way3: exp(K) for the same K, through the exponential of a small block matrix: with Z = [B C] and J = [[0, I], [-I, 0]],
-      K = Z J Z^T and exp(K) = I + Z phi(J Z^T Z) J Z^T, phi(M) = (e^M - I) M^-1 read off exp([[M, I], [0, 0]]).
-With r x r rotations the change stays inside span(U_r) x span(V_r); ``extra_principal_dims`` p rotates in the
-(r + p)-dimensional principal space (S padded with p zeros) so the adapted rank-r subspace itself can move.
+way3: exp(K) for the same K. With Z = [B C] (r x 2k) and J = [[0, I], [-I, 0]], K = Z J Z^T and K^n = Z M^(n-1) J Z^T
+      with M = J Z^T Z (2k x 2k), so exp(K) = I + Z phi(M) J Z^T, phi(M) = sum M^j/(j+1)! = (e^M - I) M^-1; phi(M) is
+      read off the top-right block of exp([[M, I], [0, 0]]) (4k x 4k), which needs no inverse (M may be singular).
+
+(r + p) option (``extra_principal_dims`` p): U, V hold the top r + p singular vectors, S = (s_1..s_r, 0..0) and only
+the top r leave the residual, so the start is unchanged. R_U, R_V act on all r + p coordinates, so an adapted vector
+U R_U e_i (i <= r) gains components along u_{r+1}..u_{r+p}: the column (row) space of the rank-r principal part rotates
+inside span(U_{r+p}) (span(V_{r+p})) even with S frozen; with S trained the p padded values may grow (rank up to r+p).
+With p = 0 the change stays inside span(U_r) x span(V_r).
+
+NF4 (bitsandbytes' quantiser, runs on CPU): ``quantize_residual`` stores W_res as NF4 with double-quantised
+statistics, as QLoRA (``NF4Linear``; why not bnb.nn.Linear4bit: see "NF4 storage"). Export (``to_lora``) then gives
+the principal change U R_U S R_V^T V^T - U_r S_r V_r^T on the ORIGINAL full-precision weights: PEFT reproduces
+W_res(fp) + principal, the trained model without the residual's quantisation error (full-rank, so no low-rank adapter
+can carry it), as a QLoRA adapter is used. ``merge`` dequantises the residual into a full-precision layer (exactly the
+trained model; ``unmerge`` puts the NF4 one back). ``quantize_base_components`` also stores U, V as NF4 (warned: they
+are then only roughly orthonormal, and way1's merges re-quantise them); the residual is taken against the dequantised
+U, V so the start stays unchanged.
 """
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
 
 from . import register_method
-from .base import AdapterLayer, MethodSpec, adapter_layers, base_weight_out_in, find_targets, set_module
+from .base import AdapterLayer, Conv1D, MethodSpec, adapter_layers, base_weight_out_in, find_targets, set_module
 from ..init.svd import top_r_svd
 
 WAYS = ("way0", "way1", "way2", "way3")
@@ -30,39 +48,48 @@ class RotationalPiSSAConfig:
     way: str = "way2"
     low_rank_r: int = 2                 # k of the skew-symmetric generator (way2, way3)
     givens_layers: int = 2              # way1
-    merge_every: int = 50               # way1: merge the rotations into U, V and restart
+    merge_every: int = 50               # way1: fold the rotations into U, V and restart every N optimizer steps
     orthogonality_reg_weight: float = 1e-2  # way0
     init_identity: bool = True
     freeze_singular_values: bool = True
     extra_principal_dims: int = 0       # p
     quantize_residual: bool = False     # NF4 residual through bitsandbytes
-    quantize_base_components: bool = False
-    svd_niter: int | None = None        # None: full SVD
+    quantize_base_components: bool = False  # NF4 U and V
+    svd_niter: int | None = None        # None: full SVD; int: randomized SVD with that many power iterations
+    dropout: float = 0.0                # on the principal path's input, as PEFT's PiSSA (the trainer: peft.lora_dropout)
 
     def __post_init__(self):
         if self.way not in WAYS:
             raise ValueError(f"unknown rotational PiSSA way {self.way!r}; allowed: {list(WAYS)}")
-        if self.r < 1 or self.extra_principal_dims < 0 or self.low_rank_r < 1:
-            raise ValueError("rotational PiSSA needs r >= 1, low_rank_r >= 1 and extra_principal_dims >= 0")
+        checks = {"r >= 1": self.r >= 1, "low_rank_r >= 1": self.low_rank_r >= 1,
+                  "givens_layers >= 1": self.givens_layers >= 1, "merge_every >= 1": self.merge_every >= 1,
+                  "extra_principal_dims >= 0": self.extra_principal_dims >= 0,
+                  "orthogonality_reg_weight >= 0": self.orthogonality_reg_weight >= 0,
+                  "0 <= dropout < 1": 0 <= self.dropout < 1,
+                  "svd_niter null or >= 0": self.svd_niter is None or self.svd_niter >= 0}
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"rotational PiSSA needs {', '.join(bad)} (got {self})")
 
 
+# ---- rotations ------------------------------------------------------------------------------------------------------
 def expm_low_rank(B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """exp(B C^T - C B^T) through a (4k x 4k) exponential instead of an (n x n) one."""
+    """exp(B C^T - C B^T) (n x n) through a 4k x 4k exponential instead of an n x n one."""
     n, k = B.shape
     Z = torch.cat([B, C], 1)
     eye_k = torch.eye(k, dtype=B.dtype, device=B.device)
     zero = torch.zeros_like(eye_k)
     J = torch.cat([torch.cat([zero, eye_k], 1), torch.cat([-eye_k, zero], 1)], 0)
-    M = J @ Z.T @ Z
+    M = J @ (Z.T @ Z)
     m = M.shape[0]
-    big = torch.zeros(2 * m, 2 * m, dtype=B.dtype, device=B.device)
-    big[:m, :m] = M
-    big[:m, m:] = torch.eye(m, dtype=B.dtype, device=B.device)
+    big = torch.cat([torch.cat([M, torch.eye(m, dtype=B.dtype, device=B.device)], 1),
+                     torch.zeros(m, 2 * m, dtype=B.dtype, device=B.device)], 0)
     phi = torch.linalg.matrix_exp(big)[:m, m:]
     return torch.eye(n, dtype=B.dtype, device=B.device) + Z @ phi @ J @ Z.T
 
 
 def cayley(B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """(I - K)^-1 (I + K) for K = B C^T - C B^T: orthogonal because K is skew-symmetric."""
     n = B.shape[0]
     K = B @ C.T - C @ B.T
     eye = torch.eye(n, dtype=B.dtype, device=B.device)
@@ -70,104 +97,206 @@ def cayley(B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
 
 
 def givens_pairs(n: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Disjoint coordinate pairs: (0,1),(2,3),... on even layers, (1,2),(3,4),... on odd ones."""
-    start = layer % 2
-    i = torch.arange(start, n - 1, 2)
+    """Disjoint coordinate pairs: (0,1),(2,3),... on even layers, (1,2),(3,4),... on odd ones (a brick wall)."""
+    i = torch.arange(layer % 2, n - 1, 2)
     return i, i + 1
 
 
 def givens(theta: torch.Tensor, n: int, layer: int) -> torch.Tensor:
+    """The n x n product of the layer's disjoint plane rotations (they commute)."""
     i, j = givens_pairs(n, layer)
     c, s = torch.cos(theta), torch.sin(theta)
     G = torch.eye(n, dtype=theta.dtype, device=theta.device)
-    G = G.index_put((i, i), c).index_put((j, j), c).index_put((i, j), -s).index_put((j, i), s)
-    return G
+    return G.index_put((i, i), c).index_put((j, j), c).index_put((i, j), -s).index_put((j, i), s)
 
 
 class Rotation(nn.Module):
-    """One k x k rotation parametrised by a way; R() returns the matrix (fp32)."""
+    """One n x n rotation parametrised by a way; calling it returns the matrix (fp32)."""
 
-    def __init__(self, k: int, cfg: RotationalPiSSAConfig, device):
+    def __init__(self, n: int, cfg: RotationalPiSSAConfig, device):
         super().__init__()
-        self.k, self.way = k, cfg.way
+        self.n, self.way = n, cfg.way
         if cfg.way == "way0":
-            self.R = nn.Parameter(torch.eye(k, device=device) if cfg.init_identity
-                                  else torch.linalg.qr(torch.randn(k, k, device=device))[0])
+            self.R = nn.Parameter(torch.eye(n, device=device) if cfg.init_identity
+                                  else torch.linalg.qr(torch.randn(n, n, device=device))[0])
         elif cfg.way == "way1":
-            n_pairs = [len(givens_pairs(k, l)[0]) for l in range(cfg.givens_layers)]
-            self.theta = nn.ParameterList([nn.Parameter(torch.zeros(n, device=device) if cfg.init_identity
-                                                        else 0.1 * torch.randn(n, device=device)) for n in n_pairs])
+            sizes = [len(givens_pairs(n, l)[0]) for l in range(cfg.givens_layers)]
+            self.theta = nn.ParameterList([nn.Parameter(torch.zeros(m, device=device) if cfg.init_identity
+                                                        else 0.1 * torch.randn(m, device=device)) for m in sizes])
         else:
-            q = min(cfg.low_rank_r, k)
-            self.B = nn.Parameter(0.1 * torch.randn(k, q, device=device) / q ** 0.5)
-            # C = 0 gives K = 0 (R = I) with a non-zero gradient for C
-            self.C = nn.Parameter(torch.zeros(k, q, device=device) if cfg.init_identity
-                                  else 0.1 * torch.randn(k, q, device=device))
+            q = min(cfg.low_rank_r, n)
+            self.B = nn.Parameter(0.1 * torch.randn(n, q, device=device) / q ** 0.5)
+            # C = 0 gives K = 0 (R = I) with a non-zero gradient for C, as LoRA's B = 0
+            self.C = nn.Parameter(torch.zeros(n, q, device=device) if cfg.init_identity
+                                  else 0.1 * torch.randn(n, q, device=device))
 
     def forward(self) -> torch.Tensor:
         if self.way == "way0":
             return self.R
         if self.way == "way1":
-            R = torch.eye(self.k, device=self.theta[0].device)
+            R = torch.eye(self.n, device=self.theta[0].device)
             for l, th in enumerate(self.theta):
-                R = R @ givens(th, self.k, l)
+                R = R @ givens(th, self.n, l)
             return R
         if self.way == "way2":
             return cayley(self.B, self.C)
         return expm_low_rank(self.B, self.C)
 
+    @torch.no_grad()
+    def restart_(self) -> list[nn.Parameter]:
+        """Back to R = I; returns the parameters whose optimizer state no longer applies."""
+        if self.way == "way0":
+            self.R.copy_(torch.eye(self.n, device=self.R.device))
+            return [self.R]
+        if self.way == "way1":
+            for th in self.theta:
+                th.zero_()
+            return list(self.theta)
+        self.C.zero_()
+        return [self.C]
 
+
+# ---- NF4 storage ----------------------------------------------------------------------------------------------------
+# bitsandbytes' quantize_4bit/dequantize_4bit (NF4, blocks of 64) on the FLAT data, kept in our own buffers. Not
+# bnb.nn.Linear4bit: in bitsandbytes 0.50 on CPU its dequantize is wrong for rows 16/32/48/96 wide, and in eval mode on
+# AVX512-BF16 CPUs it repacks its weight (bf16 statistics, fails unless in_features % 64 == 0). The flat 1-D path is
+# right everywhere, and on GPU dequantize-then-matmul is what Linear4bit does for training anyway.
+NF4_BLOCK = 64
+
+
+class NF4Matrix(nn.Module):
+    """A frozen matrix as NF4: 4 bits per entry plus an absmax per block of 64 (fp32, or 8-bit with an fp32 absmax
+    per 256 of them when ``double_quant``, QLoRA's double quantisation). Calling it returns the fp32 matrix."""
+
+    def __init__(self, M: torch.Tensor, double_quant: bool = False):
+        super().__init__()
+        self.shape, self.double_quant = tuple(M.shape), double_quant
+        for name in ("packed", "absmax", "code", "offset", "absmax2", "code2"):
+            self.register_buffer(name, None)
+        self.set_(M)
+
+    @torch.no_grad()
+    def set_(self, M: torch.Tensor) -> None:
+        import bitsandbytes.functional as F
+
+        q, st = F.quantize_4bit(M.detach().float().reshape(-1).contiguous(), blocksize=NF4_BLOCK,
+                                compress_statistics=self.double_quant, quant_type="nf4")
+        self.packed, self.absmax, self.code = q, st.absmax, st.code.to(q.device)
+        if self.double_quant:
+            self.offset, self.absmax2, self.code2 = st.offset, st.state2.absmax, st.state2.code
+            self.block2 = st.state2.blocksize
+
+    def forward(self) -> torch.Tensor:
+        import bitsandbytes.functional as F
+
+        st2 = (F.QuantState(absmax=self.absmax2, code=self.code2, blocksize=self.block2, dtype=torch.float32)
+               if self.double_quant else None)
+        st = F.QuantState(absmax=self.absmax, shape=torch.Size([self.shape[0] * self.shape[1]]), code=self.code,
+                          blocksize=NF4_BLOCK, quant_type="nf4", dtype=torch.float32, offset=self.offset, state2=st2)
+        return F.dequantize_4bit(self.packed, st).reshape(self.shape)
+
+
+class _NF4MatMul(torch.autograd.Function):
+    """x @ W^T, dequantising W in forward and again in backward: no full-precision W is kept for the backward."""
+
+    @staticmethod
+    def forward(ctx, x, w: NF4Matrix):
+        ctx.w = w
+        return x @ w().to(x.dtype).T
+
+    @staticmethod
+    def backward(ctx, g):
+        return g @ ctx.w().to(g.dtype), None
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear map (out x in) with its weight in NF4 (double-quantised statistics, as QLoRA)."""
+
+    def __init__(self, W: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = W.shape
+        self.dtype = dtype  # the compute dtype when not under autocast: the original layer's
+        self.qweight = NF4Matrix(W, double_quant=True)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantised weight (out x in), read-only."""
+        return self.qweight().to(self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else self.dtype
+        y = _NF4MatMul.apply(x.to(dt), self.qweight)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, nf4, bias={self.bias is not None}"
+
+
+# ---- the layer ------------------------------------------------------------------------------------------------------
 class RotationalPiSSALinear(AdapterLayer):
+    """base = W_res (frozen, optionally NF4); adapter = U R_U diag(S) R_V^T V^T."""
+
     def __init__(self, base: nn.Module, cfg: RotationalPiSSAConfig):
         super().__init__(base)
         self.cfg = cfg
         r, k = cfg.r, cfg.r + cfg.extra_principal_dims
         if k > min(self.in_features, self.out_features):
-            raise ValueError(f"r + extra_principal_dims = {k} exceeds the layer's min dimension")
+            raise ValueError(f"r + extra_principal_dims = {k} exceeds the layer's smaller dimension "
+                             f"{min(self.in_features, self.out_features)}")
         W = base_weight_out_in(base).detach()
         U, S, Vh = top_r_svd(W, k, cfg.svd_niter)
+        V = Vh.T.contiguous()
+        if cfg.quantize_base_components:
+            warnings.warn("quantize_base_components: U and V are stored in NF4, so the rotated singular vectors are "
+                          "only roughly orthonormal (the residual absorbs their error, so the start is unchanged), "
+                          "and way1's merges re-quantise them (each merge adds quantisation error)", stacklevel=3)
+            self.U_nf4, self.V_nf4 = NF4Matrix(U), NF4Matrix(V)
+            U, V = self.U_nf4(), self.V_nf4()  # the residual is taken against what the adapter will use
+        else:
+            self.register_buffer("U", U)
+            self.register_buffer("V", V)
         S0 = S.clone()
-        S0[r:] = 0  # only the top r are taken out of the residual; the p extra directions start empty
-        self.register_buffer("U", U)
-        self.register_buffer("V", Vh.T.contiguous())
+        S0[r:] = 0  # only the top r leave the residual; the p extra directions start empty
         if cfg.freeze_singular_values:
             self.register_buffer("S", S0)
         else:
             self.S = nn.Parameter(S0)  # fp32 whatever the model dtype
-        self.set_offset(S0[:, None] * Vh, U, 1.0)  # base <- W_res = W - U_r S_r V_r^T
+        off_A, off_B = S0[:r, None] * V[:, :r].T, U[:, :r]
+        residual = (W.float() - off_B @ off_A) if cfg.quantize_residual else None  # fp32, before any rounding
+        self.set_offset(off_A, off_B, 1.0)  # base <- W_res = W - U_r S_r V_r^T
         self.rot_U = Rotation(k, cfg, W.device)
         self.rot_V = Rotation(k, cfg, W.device)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self._parked: list[nn.Module] = []  # the NF4 residual while merged (a list: not a submodule)
         if cfg.quantize_residual:
-            self._quantize_residual()
+            self._fp_type = type(base)
+            self.base = NF4Linear(residual, base.bias, base.weight.dtype)
 
-    def _quantize_residual(self) -> None:
-        import bitsandbytes as bnb
-
+    # ---- the adapter ----------------------------------------------------------------------------------------------
+    def bases(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U, V) as fp32 (out x k, in x k)."""
         if self.cfg.quantize_base_components:
-            warnings.warn("quantize_base_components: U and V are kept in fp32 here; quantising the principal "
-                          "factors would break the exact rotation algebra", stacklevel=2)
-        base = self.base
-        q = bnb.nn.Linear4bit(self.in_features, self.out_features, bias=base.bias is not None,
-                              quant_type="nf4", compute_dtype=torch.float32)
-        q.weight = bnb.nn.Params4bit(base_weight_out_in(base).detach().float().cpu(), requires_grad=False,
-                                     quant_type="nf4")
-        if base.bias is not None:
-            q.bias = nn.Parameter(base.bias.detach(), requires_grad=False)
-        q = q.to(base.weight.device)  # quantises on the move
-        self.base = q
+            return self.U_nf4(), self.V_nf4()
+        return self.U, self.V
 
     def rotations(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rot_U(), self.rot_V()
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        U, V = self.bases()
         R_U, R_V = self.rotations()
-        h = (x.to(self.U.dtype) @ self.V) @ R_V
-        return ((h * self.S) @ R_U.T) @ self.U.T
+        x = self.dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(U.dtype)
+        return (((x @ V) @ R_V) * self.S) @ (U @ R_U).T
 
     def principal_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) with B @ A = U R_U diag(S) R_V^T V^T."""
+        """(A, B) with B @ A = U R_U diag(S) R_V^T V^T; terms with s_i = 0 (the unused padding) are left out."""
+        U, V = self.bases()
         R_U, R_V = self.rotations()
-        return (R_V.T @ self.V.T).float(), (self.U @ R_U * self.S).float()
+        keep = self.S.detach() != 0
+        return (R_V.T @ V.T)[keep].float(), (U @ R_U * self.S)[:, keep].float()
 
     def delta_weight(self) -> torch.Tensor:
         A, B = self.principal_factors()
@@ -177,60 +306,134 @@ class RotationalPiSSALinear(AdapterLayer):
         A, B = self.principal_factors()
         return A.detach().clone(), B.detach().clone()
 
-    def _add_to_base(self, delta_out_in: torch.Tensor) -> None:
-        if self.cfg.quantize_residual and hasattr(self, "rot_U"):
-            raise RuntimeError("merging into an NF4 residual would lose the change to quantisation; export the "
-                               "adapter and merge it into the full-precision base instead")
-        super()._add_to_base(delta_out_in)
-
     def orthogonality_penalty(self) -> torch.Tensor:
         R_U, R_V = self.rotations()
         eye = torch.eye(R_U.shape[0], device=R_U.device)
         return ((R_U.T @ R_U - eye) ** 2).sum() + ((R_V.T @ R_V - eye) ** 2).sum()
 
     @torch.no_grad()
-    def merge_rotations_(self, optimizer=None) -> None:
-        """way1: fold the current rotations into U and V and restart the angles at 0 (and their moments)."""
+    def merge_rotations_(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Fold the current rotations into U and V, restart them at I and drop their (now stale) optimizer state.
+        The function is unchanged (up to NF4 re-quantisation with quantize_base_components)."""
+        U, V = self.bases()
         R_U, R_V = self.rotations()
-        self.U.copy_(self.U @ R_U)
-        self.V.copy_(self.V @ R_V)
+        if self.cfg.quantize_base_components:
+            self.U_nf4.set_(U @ R_U)
+            self.V_nf4.set_(V @ R_V)
+        else:
+            self.U.copy_(U @ R_U)
+            self.V.copy_(V @ R_V)
         for rot in (self.rot_U, self.rot_V):
-            for p in rot.parameters():
-                p.zero_()
+            for p in rot.restart_():
                 if optimizer is not None:
                     optimizer.state.pop(p, None)
 
+    # ---- merge and resume with an NF4 residual ---------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.cfg.quantize_residual:
+            return super().merge()
+        if self.merged:
+            return
+        q = self.base
+        W = q.qweight() + self.delta_weight().to(q.qweight.packed.device)
+        out_f, in_f = W.shape
+        if self._fp_type is Conv1D:
+            fp = Conv1D(out_f, in_f)
+            fp.weight.data = W.T.contiguous().to(q.dtype)
+        else:
+            fp = nn.Linear(in_f, out_f, bias=q.bias is not None, device=W.device, dtype=q.dtype)
+            fp.weight.copy_(W)
+        if q.bias is not None:
+            fp.bias.data = q.bias.clone()
+        fp.requires_grad_(False)
+        self._parked.append(q)
+        self.base, self.merged = fp, True
 
-def config_from(method_cfg, r: int) -> RotationalPiSSAConfig:
-    keys = RotationalPiSSAConfig.__dataclass_fields__
-    return RotationalPiSSAConfig(r=r, **{k: v for k, v in (method_cfg or {}).items() if k in keys and k != "r"})
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.cfg.quantize_residual:
+            return super().unmerge()
+        if self.merged:
+            self.base, self.merged = self._parked.pop(), False
+
+    def _add_to_base(self, delta_out_in: torch.Tensor) -> None:
+        if isinstance(self.base, NF4Linear):
+            raise RuntimeError("the NF4 residual cannot be moved in place; merge() dequantises it instead")
+        super()._add_to_base(delta_out_in)
+
+    @torch.no_grad()
+    def load_adapter_state(self, state) -> None:
+        """With an NF4 residual the base already holds this layer's own quantised W_res (the same SVD of the same
+        original weight); the saved offset must match it, then everything else loads as usual."""
+        if not self.cfg.quantize_residual:
+            return super().load_adapter_state(state)
+        state = dict(state)
+        off_A, off_B, s = state.pop("offset_A"), state.pop("offset_B"), state.pop("offset_scaling", 1.0)
+        ours = self.offset_scaling * (self.offset_B @ self.offset_A).cpu()
+        if not torch.allclose(s * (off_B.float() @ off_A.float()), ours, rtol=1e-4, atol=1e-5):
+            raise ValueError("this checkpoint's principal part differs from the one taken out of this layer's NF4 "
+                             "residual (other base weights, r or extra_principal_dims?)")
+        held = self.offset_A, self.offset_B
+        self.offset_A = self.offset_B = None  # the parent would move the base back to the original otherwise
+        try:
+            super().load_adapter_state(state)
+        finally:
+            self.offset_A, self.offset_B = held
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (super().extra_repr() + f", r={c.r}, p={c.extra_principal_dims}, way={c.way}, "
+                f"train_S={not c.freeze_singular_values}, nf4_residual={c.quantize_residual}")
+
+
+# ---- the method -----------------------------------------------------------------------------------------------------
+CONFIG_KEYS = tuple(f.name for f in fields(RotationalPiSSAConfig) if f.name not in ("r", "dropout"))
+
+
+def config_from(method_cfg, r: int, dropout: float = 0.0) -> RotationalPiSSAConfig:
+    """The method's Hydra config (name + options) as a RotationalPiSSAConfig; r comes from peft.lora_r."""
+    given = dict(method_cfg or {})
+    unknown = sorted(set(given) - set(CONFIG_KEYS) - {"name"})
+    if unknown:
+        raise ValueError(f"unknown rotational_pissa option(s) {unknown}; allowed: {list(CONFIG_KEYS)} "
+                         f"(r is peft.lora_r, dropout is peft.lora_dropout)")
+    return RotationalPiSSAConfig(r=r, dropout=dropout, **{k: given[k] for k in CONFIG_KEYS if k in given})
 
 
 class RotationalPiSSA(MethodSpec):
     def extra_loss(self, model, method_cfg):
-        if method_cfg.way != "way0" or not method_cfg.orthogonality_reg_weight:
+        """way0's orthogonality penalty, summed over layers."""
+        w = float(method_cfg.get("orthogonality_reg_weight", 0.0))
+        if method_cfg.get("way") != "way0" or not w:
             return None
-        return method_cfg.orthogonality_reg_weight * sum(
-            l.orthogonality_penalty() for l in adapter_layers(model).values())
+        return w * sum(l.orthogonality_penalty() for l in adapter_layers(model).values())
 
+    @torch.no_grad()
     def after_step(self, model, optimizer, step, method_cfg):
-        if method_cfg.way == "way1" and step % int(method_cfg.merge_every) == 0:
+        way = method_cfg.get("way")
+        if way == "way1" and step % int(method_cfg.get("merge_every", 50)) == 0:
             for l in adapter_layers(model).values():
                 l.merge_rotations_(optimizer)
+            return {"rot/merged": 1.0}
+        if way == "way0":  # how far the free R are from orthogonal, the worst layer
+            return {"rot/orth_err": max(float(l.orthogonality_penalty()) for l in adapter_layers(model).values())
+                    ** 0.5}
         return {}
 
 
 def make_layer(base, peft_cfg, method_cfg):
-    return RotationalPiSSALinear(base, config_from(method_cfg, int(peft_cfg.lora_r)))
+    return RotationalPiSSALinear(base, config_from(method_cfg, int(peft_cfg.lora_r),
+                                                   float(peft_cfg.get("lora_dropout", 0.0) or 0.0)))
 
 
-register_method(RotationalPiSSA(name="rotational_pissa", make_layer=make_layer))
+ROTATIONAL_PISSA = register_method(RotationalPiSSA(name="rotational_pissa", make_layer=make_layer))
 
 
 def replace_linear_with_rotational_pissa(model: nn.Module, pissa_config: RotationalPiSSAConfig, target_modules,
                                          adapter_name: str = "default", freeze_base_model: bool = True
                                          ) -> dict[str, RotationalPiSSALinear]:
-    """The seed's API: replace the target Linear layers; returns the adapters by module name."""
+    """The seed's API: replace the target Linear layers (names, suffixes or a regex); returns the adapters by name."""
     if freeze_base_model:
         for p in model.parameters():
             p.requires_grad_(False)
