@@ -101,9 +101,10 @@ def params_at_equal_loss(seeds, steps: int) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=1, help="1: steadier medians on a shared CPU")
     a = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    hidden, seq, batch, repeats = (512, 128, 1, 3) if a.quick else (512, 256, 2, 5)
+    torch.set_num_threads(a.threads)
+    hidden, seq, batch, repeats = (512, 128, 1, 3) if a.quick else (512, 256, 1, 9)
     timing = [step_times(8, hidden, seq, batch, ts, repeats) for ts in ("qv", "all")]
     eq = params_at_equal_loss(range(2 if a.quick else 3), 200 if a.quick else 400)
     write("geolora", {"model": f"llama hidden {hidden}, 4 layers, seq {seq}, batch {batch}, fp32, CPU",

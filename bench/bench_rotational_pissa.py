@@ -7,9 +7,10 @@ Llama-shaped random model: hidden 512, 4 layers, fp32, CPU, every projection ada
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
-import resource
+import os
 import statistics
 import subprocess
 import sys
@@ -37,7 +38,8 @@ def build(name: str, r: int, hidden: int, layers: int):
         return model, None, None
     method, opts = WAY_CONFIGS.get(name) or ("rotational_pissa", {"way": "way2", "quantize_residual": True,
                                                                   "quantize_base_components": True})
-    cfg = OmegaConf.create({"name": method, **opts})
+    # randomized SVD (4 power iterations): the init is not what is timed, and a full SVD per projection is slow here
+    cfg = OmegaConf.create({"name": method, **opts, **({"svd_niter": 4} if method == "rotational_pissa" else {})})
     peft = OmegaConf.create({"target_set": "all", "lora_r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0})
     import warnings
 
@@ -79,24 +81,31 @@ def tensor_bytes(model) -> dict:
             "trainable_params": trainable}
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+def status_mb(key: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process image; ru_maxrss would carry the parent's peak across exec."""
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith(key + ":")) / 1024
+
+
+def held_mb() -> float:
+    """RSS after giving freed heap back to the OS (else glibc keeps the fp weights the NF4 build freed)."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return status_mb("VmRSS")
 
 
 def memory_one(name: str, r: int, hidden: int, layers: int, seq: int, batch: int) -> dict:
-    """In a fresh process: bytes, RSS after building and after 2 training steps, peak RSS (ru_maxrss)."""
+    """In a fresh process: bytes; RSS over the imports' after building and after 2 training steps; peak RSS."""
     torch.manual_seed(0)
+    start = held_mb()
     model, spec, cfg = build(name, r, hidden, layers)
-    gc.collect()
-    row = {"config": name, **tensor_bytes(model), "rss_built_mb": rss_mb()}
+    row = {"config": name, **tensor_bytes(model), "rss_imports_mb": start, "rss_built_mb": held_mb() - start}
     if spec is not None:
         step = step_fn(model, spec, cfg, torch.randint(0, 2048, (batch, seq)))
         for _ in range(2):
             step()
-        gc.collect()
-        row["rss_after_2_steps_mb"] = rss_mb()
-    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        row["rss_after_2_steps_mb"] = held_mb() - start
+    row["peak_rss_mb"] = status_mb("VmHWM") - start
     return row
 
 
@@ -107,9 +116,11 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     ap.add_argument("--memory-one", default=None, help=argparse.SUPPRESS)  # child process of the memory part
     a = ap.parse_args()
+    torch.set_num_threads(a.threads)
     if a.memory_one:
         print(json.dumps(memory_one(a.memory_one, a.r, a.hidden, a.layers, a.seq, a.batch)))
         return
@@ -130,13 +141,15 @@ def main():
     for name in MEMORY_CONFIGS:
         out = subprocess.run([sys.executable, "-m", "bench.bench_rotational_pissa", "--memory-one", name,
                               "--r", str(a.r), "--hidden", str(a.hidden), "--layers", str(a.layers),
-                              "--seq", str(a.seq), "--batch", str(a.batch)],
+                              "--seq", str(a.seq), "--batch", str(a.batch), "--threads", str(a.threads)],
                              capture_output=True, text=True, check=True)
         memory.append(json.loads(out.stdout.strip().splitlines()[-1]))
     by = {m["config"]: m for m in memory}
+    load = os.getloadavg()
     write("rotational_pissa", {
+        "load_average_1_5_15": load,
         "model": f"llama hidden {a.hidden}, {a.layers} layers, vocab 2048, seq {a.seq}, batch {a.batch}, fp32, CPU, "
-                 f"target all (7 projections per layer), r {a.r}",
+                 f"target all (7 projections per layer), r {a.r}, {a.threads} torch thread(s)",
         "step_time": step_rows,
         "memory": memory,
         "nf4_residual_saving": {
@@ -144,10 +157,12 @@ def main():
             "param_buffer_bytes_ratio": by["way2_nf4"]["param_buffer_bytes"] / by["way2"]["param_buffer_bytes"],
         },
         "note": "step = forward + backward + AdamW step (+ way0's penalty, + after_step); medians over interleaved "
-                "repeats in one process. Memory rows come from a fresh process each: rss_built after building "
-                "(the fp model was loaded first, so peak_rss includes it), rss_after_2_steps after two training "
-                "steps. adapted_base_bytes = the frozen bases of the adapted layers (W_res); way2_nf4_uv also "
-                "stores U, V as NF4.",
+                "repeats in one process. Memory rows come from a fresh process each, RSS in MB above the process "
+                "after its imports, freed heap returned first (malloc_trim): rss_built after building (the fp "
+                "model is built first, so peak_rss includes it), rss_after_2_steps after two training steps. "
+                "adapted_base_bytes = the frozen bases of the adapted layers (W_res); way2_nf4_uv also "
+                "stores U, V as NF4. U, V from a randomized SVD (svd_niter 4) to keep the bench short. The machine "
+                "is shared (2 cores): compare ratios within this run only.",
     })
 
 

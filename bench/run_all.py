@@ -146,6 +146,9 @@ def summary(runs: list[dict], quick: bool, started: float) -> str:
         lines += ["## Headline ratios", "", "| results | figure | value |", "| --- | --- | --- |"]
         lines += [f"| {n}{' (earlier run)' if n in stale else ''} | {k} | {fmt(v)} |" for n, k, v in heads]
         lines.append("")
+    lab = RESULTS / "lab" / "lab.md"
+    if lab.exists():
+        lines += [f"The method lab's tables (`python -m peftlab.lab`): {lab.relative_to(ROOT)}.", ""]
     lines += ["## All figures", ""]
     for n, b in blobs.items():
         m = b.get("machine")

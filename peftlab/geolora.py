@@ -53,9 +53,9 @@ class GeoLoRAConfig:
         return cfg
 
     def peft_cfg(self, target_modules: Any) -> Any:
+        alpha = self.lora_alpha if self.lora_alpha is not None else self.rank_init  # None: s = 1
         return OmegaConf.create({"lora_target_modules": target_modules, "lora_r": self.rank_init,
-                                 "lora_alpha": float(self.lora_alpha if self.lora_alpha is not None else self.rank_init),
-                                 "lora_dropout": self.lora_dropout, "use_rslora": False})
+                                 "lora_alpha": float(alpha), "lora_dropout": self.lora_dropout, "use_rslora": False})
 
 
 class GeoLoRAModel(nn.Module):

@@ -71,7 +71,9 @@ def lr_lambda(cfg: DictConfig, total_steps: int):
 
 
 def build_optimizer(cfg: DictConfig, spec, model, params):
-    opt = spec.make_optimizer(model, params, cfg.train, cfg.method)
+    # a method's own optimizer sees the run's learning rate and weight decay with the train options
+    train_cfg = OmegaConf.merge(cfg.train, {"lr": cfg.model.lr, "weight_decay": cfg.model.weight_decay})
+    opt = spec.make_optimizer(model, params, train_cfg, cfg.method)
     if opt is not None:
         return opt
     kwargs = dict(lr=cfg.model.lr, weight_decay=cfg.model.weight_decay, betas=tuple(cfg.train.adam_betas),
@@ -449,6 +451,7 @@ def train(cfg: DictConfig) -> dict:
         save_peft_adapter(model, run_dir / "adapter", base_model_name_or_path=model_path,
                           extra={"method": cfg.method.name, "init": cfg.init.name})
         tokenizer.save_pretrained(run_dir / "adapter")
+        spec.on_train_end(unwrap(model), run_dir, cfg.method)
         if m.saving:
             save_merged(model, tokenizer, run_dir / "merged")
         atomic_write_json(run_dir / "summary.json", summary)

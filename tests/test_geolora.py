@@ -268,6 +268,22 @@ def test_export_round_trips_through_peft_with_per_layer_ranks(tiny_llama_dir, tm
     assert not torch.allclose(AutoModelForCausalLM.from_pretrained(tiny_llama_dir)(x).logits, ref, atol=1e-4)
 
 
+def test_orthogonal_regularization_is_the_penalty_and_zero_on_the_integrator_s_bases():
+    W0, dW, X, Y = planted()
+    layer = geo_layer(W0, 4)
+    model = nn.Sequential()
+    model.add_module("l", layer)
+    spec, cfg = get_method("geolora"), OmegaConf.create({"orthogonal_regularization": 0.5})
+    assert spec.extra_loss(model, OmegaConf.create({})) is None
+    assert float(spec.extra_loss(model, cfg).detach()) < 1e-10
+    with torch.no_grad():
+        layer.geo_U[:, 0] *= 2.0  # ||U^T U - I||^2 = (4 - 1)^2
+    penalty = spec.extra_loss(model, cfg)
+    assert float(penalty.detach()) == pytest.approx(0.5 * 9.0, rel=1e-5)
+    penalty.backward()
+    assert layer.geo_U.grad[:, 0].norm() > 0
+
+
 def test_options_fail_early_naming_what_is_allowed():
     with pytest.raises(ValueError, match="local_threshold"):
         geolora_options({"truncation_strategy": "topk"})
@@ -283,7 +299,7 @@ def test_options_fail_early_naming_what_is_allowed():
         get_method("geolora").make_optimizer(nn.Module(), [], OmegaConf.create({}), None)
 
 
-# ---- the trainer path (run_exp.py) ------------------------------------------------------------------------------------
+# ---- the trainer path (run_exp.py) -----------------------------------------------------------------------------------
 FAST = ["wandb.mode=disabled", "model.epochs=1", "train.max_steps=12", "++dataset.eval_samples=32", "method=geolora",
         "++method.lr=3e-3", "++method.rmax=12", "++peft.lora_dropout=0", "train.save_every=4"]
 
@@ -360,7 +376,7 @@ def test_two_processes_equal_one(tmp_path, small):
         torch.testing.assert_close(b[kb] @ b[k], a[kb] @ a[k], rtol=1e-4, atol=1e-5)
 
 
-# ---- the seed's Python API ----------------------------------------------------------------------------------------------
+# ---- the seed's Python API -------------------------------------------------------------------------------------------
 def seed_mlp():
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(),
                          nn.Linear(256, 10))
@@ -385,3 +401,22 @@ def test_python_api_on_the_seed_mlp(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="truncation_strategy"):
         GeoLoRAConfig(truncation_strategy="nope")
+
+
+def test_python_api_on_an_hf_model_and_its_export(tiny_llama_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from peftlab.geolora import GeoLoRAConfig, GeoLoRAModel, GeoLoRATrainer
+
+    torch.manual_seed(0)
+    config = GeoLoRAConfig(rank_init=4, learning_rate=1e-2, lora_alpha=8)
+    model = GeoLoRAModel(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), config, ["q_proj", "v_proj"])
+    assert len(model.ranks()) == 4
+    x = torch.randint(0, 128, (8, 16))
+    data = [{"input_ids": x[i:i + 4], "labels": x[i:i + 4]} for i in (0, 4)]
+    history = GeoLoRATrainer(model, config).train(data, num_epochs=10)
+    assert history["train_loss"][-1] < history["train_loss"][0]
+    model.save_adapter(tmp_path / "adapter")
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tmp_path / "adapter")
+    torch.testing.assert_close(peft_model.eval()(x).logits, model.eval()(input_ids=x).logits, rtol=1e-5, atol=1e-5)

@@ -249,6 +249,9 @@ class MethodSpec:
         """Runs after every optimizer step on the unwrapped model (every process); returns metrics to log."""
         return {}
 
+    def on_train_end(self, model: nn.Module, run_dir: Any, method_cfg: Any) -> None:
+        """Runs once on the main process after the adapter is saved (e.g. a plot in the run folder)."""
+
     def extra_loss(self, model: nn.Module, method_cfg: Any) -> torch.Tensor | None:
         """A regulariser added to the task loss (e.g. an orthogonality penalty); logged separately."""
         return None

@@ -53,7 +53,8 @@ def geolora_options(method_cfg: Any) -> dict:
         raise ValueError(f"unknown geolora option(s) {unknown}; allowed: {sorted(DEFAULTS)}")
     o = {**DEFAULTS, **given}
     if o["truncation_strategy"] not in STRATEGIES:
-        raise ValueError(f"unknown geolora truncation_strategy {o['truncation_strategy']!r}; allowed: {list(STRATEGIES)}")
+        raise ValueError(f"unknown geolora truncation_strategy {o['truncation_strategy']!r}; "
+                         f"allowed: {list(STRATEGIES)}")
     if o["use_small_matrix_optimizer"] not in SMALL_OPTIMIZERS:
         raise ValueError(f"unknown geolora use_small_matrix_optimizer {o['use_small_matrix_optimizer']!r}; "
                          f"allowed: {list(SMALL_OPTIMIZERS)}")
@@ -86,6 +87,8 @@ class _GeoLoRAProduct(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = (s * (gU @ Sr) @ Vr.T).reshape(x.shape).to(x.dtype)
+        if not any(ctx.needs_input_grad[1:4]):  # factors frozen (e.g. evaluation with grads on the input only)
+            return grad_x, None, None, None, None, None
         GK = s * (g2.T @ xV.reshape(-1, r).float())                  # dL/dW V        (out, r)
         GL = s * (x.reshape(-1, x.shape[-1]).float().T @ gU)         # dL/dW^T U      (in, r)
         return grad_x, _padded(GK, U), _padded(Ur.T @ GK, S), _padded(GL, V), None, None
@@ -180,7 +183,7 @@ class GeoLoRALinear(AdapterLayer):
         return super().extra_repr() + f", rank={self.rank}, capacity={self.capacity}, scaling={self.scaling:g}"
 
 
-# ---- the integrator ---------------------------------------------------------------------------------------------------
+# ---- the integrator --------------------------------------------------------------------------------------------------
 def augment_basis(U: torch.Tensor, G: torch.Tensor, eps: float) -> torch.Tensor:
     """[U | new]: new orthonormal, orthogonal to U, spanning the part of G outside span(U) with singular values > eps.
     The residual is orthonormalised by a thin SVD, which reveals its rank (a QR without pivoting does not)."""
@@ -332,10 +335,10 @@ def rank_metrics(layers: dict[str, GeoLoRALinear]) -> dict[str, float]:
     return m
 
 
-# ---- the method -------------------------------------------------------------------------------------------------------
+# ---- the method ------------------------------------------------------------------------------------------------------
 def make_geolora_layer(base: nn.Module, peft_cfg, method_cfg=None) -> GeoLoRALinear:
-    """rank_init defaults to peft.lora_r (so sweeps over lora_r compare methods at equal initial rank);
-    s = lora_alpha / rank_init (rsLoRA: / sqrt(rank_init)), fixed while the rank changes; rmax defaults to 4 rank_init."""
+    """rank_init defaults to peft.lora_r (so sweeps over lora_r compare methods at equal initial rank); s = lora_alpha
+    / rank_init (rsLoRA: / sqrt(rank_init)), fixed while the rank changes; rmax defaults to 4 rank_init."""
     o = geolora_options(method_cfg)
     r = int(o["rank_init"] or peft_cfg.lora_r)
     if int(o["rmin"]) > r:
@@ -356,8 +359,9 @@ def geolora_layers(model: nn.Module) -> dict[str, GeoLoRALinear]:
 def make_geolora_optimizer(model: nn.Module, lr: float, method_cfg=None, betas=(0.9, 0.999), eps: float = 1e-8
                            ) -> GeoLoRAOptimizer:
     o = geolora_options(method_cfg)
-    return GeoLoRAOptimizer(geolora_layers(model), lr=float(o["lr"] or lr), small_optimizer=o["use_small_matrix_optimizer"],
-                            betas=betas, eps=eps, weight_decay=float(o["weight_decay"]),
+    return GeoLoRAOptimizer(geolora_layers(model), lr=float(o["lr"] or lr),
+                            small_optimizer=o["use_small_matrix_optimizer"], betas=betas, eps=eps,
+                            weight_decay=float(o["weight_decay"]),
                             truncation_strategy=o["truncation_strategy"], tau=float(o["tau"]), budget=o["budget"],
                             epsilon_resid=float(o["epsilon_resid"]))
 
@@ -372,9 +376,9 @@ class GeoLoRA(MethodSpec):
         if lr is None:
             raise ValueError("geolora needs a learning rate: set method.lr, or let the trainer pass its lr "
                              "(train_cfg.lr)")
-        opt = make_geolora_optimizer(model, float(lr), method_cfg,
-                                     betas=tuple(train_cfg.get("adam_betas", (0.9, 0.999))) if train_cfg else (0.9, 0.999),
-                                     eps=float(train_cfg.get("adam_eps", 1e-8)) if train_cfg else 1e-8)
+        tc = train_cfg if train_cfg is not None else {}
+        opt = make_geolora_optimizer(model, float(lr), method_cfg, betas=tuple(tc.get("adam_betas", (0.9, 0.999))),
+                                     eps=float(tc.get("adam_eps", 1e-8)))
         ours = {id(p) for g in opt.param_groups for p in g["params"]}
         others = [p.shape for p in params if id(p) not in ours]
         if others:
