@@ -94,17 +94,17 @@ def held_mb() -> float:
     return status_mb("VmRSS")
 
 
-def memory_one(name: str, r: int, hidden: int, layers: int, seq: int, batch: int) -> dict:
-    """In a fresh process: bytes; RSS over the imports' after building and after 2 training steps; peak RSS."""
+def memory_one(name: str, r: int, hidden: int, layers: int, seq: int, batch: int, steps: int) -> dict:
+    """In a fresh process: bytes; RSS over the imports' after building and after some training steps; peak RSS."""
     torch.manual_seed(0)
     start = held_mb()
     model, spec, cfg = build(name, r, hidden, layers)
     row = {"config": name, **tensor_bytes(model), "rss_imports_mb": start, "rss_built_mb": held_mb() - start}
-    if spec is not None:
+    if spec is not None and steps:
         step = step_fn(model, spec, cfg, torch.randint(0, 2048, (batch, seq)))
-        for _ in range(2):
+        for _ in range(steps):
             step()
-        row["rss_after_2_steps_mb"] = held_mb() - start
+        row[f"rss_after_{steps}_steps_mb"] = held_mb() - start
     row["peak_rss_mb"] = status_mb("VmHWM") - start
     return row
 
@@ -118,11 +118,12 @@ def main():
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    ap.add_argument("--steps", type=int, default=2, help=argparse.SUPPRESS)
     ap.add_argument("--memory-one", default=None, help=argparse.SUPPRESS)  # child process of the memory part
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.memory_one:
-        print(json.dumps(memory_one(a.memory_one, a.r, a.hidden, a.layers, a.seq, a.batch)))
+        print(json.dumps(memory_one(a.memory_one, a.r, a.hidden, a.layers, a.seq, a.batch, a.steps)))
         return
 
     x = torch.randint(0, 2048, (a.batch, a.seq))
@@ -137,24 +138,32 @@ def main():
     del steps
     gc.collect()
 
-    memory = []
-    for name in MEMORY_CONFIGS:
-        out = subprocess.run([sys.executable, "-m", "bench.bench_rotational_pissa", "--memory-one", name,
-                              "--r", str(a.r), "--hidden", str(a.hidden), "--layers", str(a.layers),
-                              "--seq", str(a.seq), "--batch", str(a.batch), "--threads", str(a.threads)],
-                             capture_output=True, text=True, check=True)
-        memory.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    by = {m["config"]: m for m in memory}
+    def memory(hidden, layers, steps):
+        rows = []
+        for name in MEMORY_CONFIGS:
+            out = subprocess.run([sys.executable, "-m", "bench.bench_rotational_pissa", "--memory-one", name,
+                                  "--r", str(a.r), "--hidden", str(hidden), "--layers", str(layers), "--seq",
+                                  str(a.seq), "--batch", str(a.batch), "--threads", str(a.threads), "--steps",
+                                  str(steps)], capture_output=True, text=True, check=True)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        return rows
+
+    small = memory(a.hidden, a.layers, 2)
+    large = memory(2048, 2, 0)  # weights large enough to dominate the RSS; built only
+    by = {m["config"]: m for m in small}
+    big = {m["config"]: m for m in large}
     load = os.getloadavg()
     write("rotational_pissa", {
         "load_average_1_5_15": load,
         "model": f"llama hidden {a.hidden}, {a.layers} layers, vocab 2048, seq {a.seq}, batch {a.batch}, fp32, CPU, "
                  f"target all (7 projections per layer), r {a.r}, {a.threads} torch thread(s)",
         "step_time": step_rows,
-        "memory": memory,
+        "memory": small,
+        "memory_hidden2048_2layers_built": large,
         "nf4_residual_saving": {
             "adapted_base_bytes_ratio": by["way2_nf4"]["adapted_base_bytes"] / by["way2"]["adapted_base_bytes"],
             "param_buffer_bytes_ratio": by["way2_nf4"]["param_buffer_bytes"] / by["way2"]["param_buffer_bytes"],
+            "rss_built_ratio_hidden2048": big["way2_nf4"]["rss_built_mb"] / big["way2"]["rss_built_mb"],
         },
         "note": "step = forward + backward + AdamW step (+ way0's penalty, + after_step); medians over interleaved "
                 "repeats in one process. Memory rows come from a fresh process each, RSS in MB above the process "

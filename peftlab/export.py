@@ -63,7 +63,7 @@ def save_peft_adapter(model: nn.Module, folder: str | Path, base_model_name_or_p
     rank_pattern = {_re_escape(n): rr for n, (rr, _) in ranks.items() if rr != r}
     alpha_pattern = {_re_escape(n): aa for n, (_, aa) in ranks.items() if aa != alpha}
     layers = adapter_layers(root)
-    fan_in_fan_out = any(isinstance(l.base, Conv1D) for l in layers.values())
+    fan_in_fan_out = any(getattr(l, "fan_in_fan_out", isinstance(l.base, Conv1D)) for l in layers.values())
     cfg = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM" if hasattr(root, "generate") else None,

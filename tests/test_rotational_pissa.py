@@ -207,6 +207,33 @@ def test_export_round_trips_through_peft(tmp_path, tiny_llama_dir, way, p, train
     torch.testing.assert_close(ref(x).logits, ours(x).logits, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("nf4", [False, True])
+def test_gpt2_conv1d_export_and_merged_save(tmp_path, tiny_gpt2_dir, nf4):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from peftlab.export import save_merged, save_peft_adapter
+
+    ours = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
+    cfg = OmegaConf.create({"name": "rotational_pissa", "way": "way3", "quantize_residual": nf4})
+    apply_adapters(ours, OmegaConf.create({"target_set": "qkvo", "lora_r": 4, "lora_alpha": 8}), cfg,
+                   "rotational_pissa")
+    torch.manual_seed(0)
+    for l in adapter_layers(ours).values():
+        perturb(l)
+    x = torch.randint(0, 128, (2, 8))
+    y = ours(x).logits.detach()
+    save_merged(ours, None, tmp_path / "merged")  # Conv1D again after dequantising an NF4 residual
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(merged(x).logits, y, rtol=1e-5, atol=1e-5)
+    save_peft_adapter(ours, tmp_path / "ad")
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir), tmp_path / "ad").eval()
+    if nf4:  # the change on the full-precision base: off by the residual's quantisation error only
+        assert 0 < float((ref(x).logits - y).abs().max() / y.abs().max()) < 0.1
+    else:
+        torch.testing.assert_close(ref(x).logits, y, rtol=1e-4, atol=1e-5)
+
+
 def _nf4_roundtrip(w):
     import bitsandbytes.functional as F
 

@@ -8,7 +8,7 @@ from . import register_method
 
 # conf/method/gplora.yaml holds the defaults; these are for a method_cfg that leaves a key out (or None)
 DEFAULTS = {"mu": "auto", "eps": 1e-4, "eig_floor": 1e-12, "every": 1, "warmup_steps": 0, "guard": 0.01,
-            "moments": "transport"}
+            "moments": "reset"}
 
 
 def options(method_cfg) -> dict:

@@ -56,7 +56,7 @@ class RotationalPiSSAConfig:
     quantize_residual: bool = False     # NF4 residual through bitsandbytes
     quantize_base_components: bool = False  # NF4 U and V
     svd_niter: int | None = None        # None: full SVD; int: randomized SVD with that many power iterations
-    dropout: float = 0.0                # on the principal path's input, as PEFT's PiSSA (the trainer: peft.lora_dropout)
+    dropout: float = 0.0                # on the principal path's input, as PEFT's PiSSA (trainer: peft.lora_dropout)
 
     def __post_init__(self):
         if self.way not in WAYS:
@@ -269,8 +269,8 @@ class RotationalPiSSALinear(AdapterLayer):
         self.rot_V = Rotation(k, cfg, W.device)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self._parked: list[nn.Module] = []  # the NF4 residual while merged (a list: not a submodule)
+        self.fan_in_fan_out = isinstance(base, Conv1D)  # for export, whatever the base becomes
         if cfg.quantize_residual:
-            self._fp_type = type(base)
             self.base = NF4Linear(residual, base.bias, base.weight.dtype)
 
     # ---- the adapter ----------------------------------------------------------------------------------------------
@@ -338,7 +338,7 @@ class RotationalPiSSALinear(AdapterLayer):
         q = self.base
         W = q.qweight() + self.delta_weight().to(q.qweight.packed.device)
         out_f, in_f = W.shape
-        if self._fp_type is Conv1D:
+        if self.fan_in_fan_out:
             fp = Conv1D(out_f, in_f)
             fp.weight.data = W.T.contiguous().to(q.dtype)
         else:
