@@ -1,6 +1,6 @@
 """Training step time, side by side in one process (bench/results/train.json):
 
-1. Throughput (target tokens/s) of peftlab's LoRA against HF PEFT's LoRA (get_peft_model) on the same Llama-shaped
+1. Throughput (tokens/s) of peftlab's LoRA against HF PEFT's LoRA (get_peft_model) on the same Llama-shaped
    random model, batches, dtype (fp32), targets, rank, alpha and dropout.
 2. Step time of every registered method (each Rotational PiSSA way; GP-LoRA as configured and projecting every step)
    and of LoRA with train.optimizer=precond_adamw, against LoRA.
@@ -150,15 +150,15 @@ def bench_config(hidden: int, layers: int, seq: int, bsz: int, r: int, targets: 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="one small configuration (batch 1), 5 repeats")
+    ap.add_argument("--quick", action="store_true", help="one small configuration (batch 1), 11 repeats")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: steadier on a shared CPU; the ratios are what count)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    configs = ([dict(hidden=512, layers=4, seq=256, bsz=1, r=16, targets=LLAMA_ALL, repeats=5)] if a.quick else
-               [dict(hidden=512, layers=4, seq=256, bsz=4, r=16, targets=LLAMA_ALL, repeats=7),
-                dict(hidden=1024, layers=4, seq=256, bsz=4, r=16, targets=LLAMA_ALL, repeats=5),
-                dict(hidden=1024, layers=4, seq=256, bsz=4, r=16, targets=["q_proj", "v_proj"], repeats=5)])
+    configs = ([dict(hidden=512, layers=4, seq=256, bsz=1, r=16, targets=LLAMA_ALL, repeats=11)] if a.quick else
+               [dict(hidden=512, layers=4, seq=256, bsz=4, r=16, targets=LLAMA_ALL, repeats=15),
+                dict(hidden=1024, layers=4, seq=256, bsz=4, r=16, targets=LLAMA_ALL, repeats=9),
+                dict(hidden=1024, layers=4, seq=256, bsz=4, r=16, targets=["q_proj", "v_proj"], repeats=9)])
     results = [bench_config(**c) for c in configs]
     write("train", {"quick": a.quick, "threads": a.threads, "configs": results,
                     "method": "trainer step (forward, token loss + extra_loss, backward, clip 1.0, optimizer, "

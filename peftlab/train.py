@@ -379,7 +379,7 @@ def train(cfg: DictConfig) -> dict:
                     extra = spec.extra_loss(unwrap(ddp_model), cfg.method)
                     if extra is not None:
                         loss = loss + extra / len(micros)
-                        extra_total += float(extra) / len(micros)
+                        extra_total += float(extra.detach()) / len(micros)
                 loss.backward()
             loss_sum += lsum.detach().double()
         loss_sum = accelerator.reduce(loss_sum, reduction="sum")
