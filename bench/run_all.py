@@ -102,8 +102,11 @@ def train_table(b: dict | None) -> list[str]:
                        f"{fmt(r['vs_lora_step_time'])} | {r['trainable_params']} |")
         for v, note in c.get("notes", {}).items():
             out.append(f"| {tag} | {v} | {fmt(note)} | | | |")
-    ratios = ", ".join(f"{c.get('name', i)}: {fmt(c['peftlab_vs_peft_tokens_per_s'])}" for i, c in enumerate(b["configs"]))
-    return out + ["", f"peftlab LoRA tokens/s / HF PEFT LoRA tokens/s: {ratios} (> 1: peftlab faster).", ""]
+    ratios = ", ".join(f"{c.get('name', i)}: {fmt(c['peftlab_vs_peft_tokens_per_s'])} (fastest repeats: "
+                       f"{fmt(c.get('peftlab_vs_peft_tokens_per_s_fastest_repeats'))})"
+                       for i, c in enumerate(b["configs"]))
+    return out + ["", f"peftlab LoRA tokens/s / HF PEFT LoRA tokens/s, median of per-repeat ratios: {ratios} "
+                      f"(> 1: peftlab faster).", ""]
 
 
 def e2e_table(b: dict | None) -> list[str]:
@@ -185,7 +188,11 @@ def main():
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "run_all.json").write_text(json.dumps({"machine": machine(), "quick": a.quick, "runs": runs},
                                                          indent=2) + "\n")
-    text = summary(runs, a.quick, started if runs else 0.0)
+    elif (RESULTS / "run_all.json").exists():  # the last run's module table
+        last = json.loads((RESULTS / "run_all.json").read_text())
+        runs, a.quick = last["runs"], last["quick"]
+        started = 0.0
+    text = summary(runs, a.quick, started)
     (RESULTS / "summary.md").write_text(text + "\n")
     print(f"bench: wrote {RESULTS / 'summary.md'} ({time.time() - started:.0f} s)")
 

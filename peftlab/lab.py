@@ -137,7 +137,7 @@ def variants(methods: list[str] | None) -> list[Variant]:
             out.append(Variant(name))
         if name == "lora":
             out.append(Variant("lora", optimizer="precond_adamw"))
-        if name == "gplora":  # besides its default (every 10 steps, moments reset): DESIGN's transport, every step
+        if name == "gplora":  # besides its default (every step, moments reset): DESIGN's transport, every step
             out.append(Variant(name, {"moments": "transport", "every": 1}, tag="transport-every1"))
     if methods:  # "rotational_pissa:way2" or "lora+precond_adamw" pick one variant
         exact = [v for v in out if v.label in methods]
@@ -171,8 +171,7 @@ def run_cfg(v: Variant, init: str, lr: float, seed: int):
         init_cfg["direction"] = init
     model = OmegaConf.to_container(load_group("model", "tiny"))
     model.update(lr=lr, weight_decay=0.0)
-    # train.lr: some methods' make_optimizer read the lr from the train config they are given (train.py passes cfg.train)
-    train = {**OmegaConf.to_container(base.train), "optimizer": v.optimizer, "lr": lr}
+    train = {**OmegaConf.to_container(base.train), "optimizer": v.optimizer}
     return OmegaConf.create({"model": model, "train": train,
                              "method": {**OmegaConf.to_container(load_group("method", v.method)), **v.overrides},
                              "init": init_cfg, "seed": seed})

@@ -19,7 +19,10 @@ Two traps (DESIGN.md):
   v_A -> (R^-1)^2 v_A, v_B -> v_B R^2 (exact for diagonal R and permutations, cross terms dropped otherwise).
   ``"reset"`` gives the factors a fresh optimizer state (moments zeroed AND the step counter restarted, so that Adam's
   bias correction starts over: zeroing the moments alone makes the next steps up to ~6x larger). ``"keep"`` leaves
-  the state alone. The default (conf/method/gplora.yaml) was chosen by bench/bench_gplora.py.
+  the state alone. The default, "reset", was measured (bench/bench_gplora.py, bench/results/gplora.json): fastest on
+  the embedded default and, up to LoRA's best learning rate, on the planted regression. With every = 1 it makes each
+  factor update Adam's first step, lr * sign(g): sign descent in the balanced gauge, which falls behind transport
+  above LoRA's best learning rate.
 """
 from __future__ import annotations
 
@@ -51,7 +54,7 @@ def resolve_mu(mu: Any, rank: int, out_features: int) -> float:
 
 
 def check_options(mu: Any = "auto", eps: float = 1e-4, eig_floor: float = 1e-12, guard: float = 0.0,
-                  moments: str = "transport", every: int = 1, warmup_steps: int = 0) -> None:
+                  moments: str = "reset", every: int = 1, warmup_steps: int = 0) -> None:
     """Clear early errors for bad options."""
     resolve_mu(mu, 1, 1)
     if moments not in MOMENTS:
@@ -116,33 +119,38 @@ def imbalance(A: torch.Tensor, B: torch.Tensor, mu: torch.Tensor | float) -> tor
         min=1e-30)
 
 
+def _check_transportable(optimizer, params: Iterable[torch.Tensor]) -> None:
+    """Before anything changes: transport must know every state entry shaped like its parameter."""
+    for p in params:
+        for key, val in (optimizer.state.get(p) or {}).items():
+            if torch.is_tensor(val) and val.shape == p.shape and key not in FIRST_MOMENTS + SECOND_MOMENTS:
+                raise ValueError(f"moments='transport' does not know the optimizer state {key!r}; it knows "
+                                 f"{list(FIRST_MOMENTS + SECOND_MOMENTS)}; use moments='reset' or 'keep'")
+
+
 @torch.no_grad()
-def transport_moments_(optimizer, A: torch.Tensor, B: torch.Tensor, R: torch.Tensor, R_inv: torch.Tensor,
-                       moments: str) -> None:
-    """The optimizer state of A and B after the gauge change (A, B) -> (R A, B R^-1); see the module notes."""
+def transport_moments_(optimizer, A: torch.Tensor, B: torch.Tensor, R: torch.Tensor | None,
+                       R_inv: torch.Tensor | None, moments: str) -> None:
+    """The optimizer state of A and B after the gauge change (A, B) -> (R A, B R^-1); see the module notes.
+    (R may be None for moments="reset" or "keep".)"""
     if optimizer is None or moments == "keep":
         return
+    if moments == "transport":
+        _check_transportable(optimizer, (A, B))
     for p, is_A in ((A, True), (B, False)):
-        st = optimizer.state.get(p)
-        if not st:
-            continue
+        st = optimizer.state.get(p) or {}
         for key, val in st.items():
             if moments == "reset":
                 if key == "step":  # restart the bias correction: a fresh state, not only zeroed moments
                     st[key] = val.zero_() if torch.is_tensor(val) else 0
                 elif torch.is_tensor(val) and val.shape == p.shape:
                     val.zero_()
-                continue
-            if not torch.is_tensor(val) or val.shape != p.shape:
-                continue
-            if key in FIRST_MOMENTS:  # like the gradient: dL/dA' = R^-1 dL/dA, dL/dB' = dL/dB R
-                new = R_inv @ val.float() if is_A else val.float() @ R
-            elif key in SECOND_MOMENTS:  # E[g'^2] with independent coordinates
-                new = (R_inv * R_inv) @ val.float() if is_A else val.float() @ (R * R)
-            else:
-                raise ValueError(f"moments='transport' does not know the optimizer state {key!r}; it knows "
-                                 f"{list(FIRST_MOMENTS + SECOND_MOMENTS)}; use moments='reset' or 'keep'")
-            val.copy_(new)
+            elif torch.is_tensor(val) and val.shape == p.shape:
+                if key in FIRST_MOMENTS:  # like the gradient: dL/dA' = R^-1 dL/dA, dL/dB' = dL/dB R
+                    new = R_inv @ val.float() if is_A else val.float() @ R
+                else:  # second moments, E[g'^2] with independent coordinates
+                    new = (R_inv * R_inv) @ val.float() if is_A else val.float() @ (R * R)
+                val.copy_(new)
 
 
 def _lora_layers(model: nn.Module | None, layers: Iterable | None) -> list:
@@ -154,7 +162,7 @@ def _lora_layers(model: nn.Module | None, layers: Iterable | None) -> list:
 @torch.no_grad()
 def gauge_project_model(model: nn.Module | None, mu: Any = "auto", eps: float = 1e-4, eig_floor: float = 1e-12,
                         guard: float = 0.01, optimizer: torch.optim.Optimizer | None = None,
-                        moments: str = "transport", layers: Iterable | None = None) -> dict[str, float]:
+                        moments: str = "reset", layers: Iterable | None = None) -> dict[str, float]:
     """Project every LoRA layer of the model in place (B A unchanged, parameters keep their dtype, math in fp32).
 
     guard: a layer is projected only while rho = mu ||B||^2 / ||A||^2 lies in [guard, 1 / guard] (0: always).
@@ -163,8 +171,11 @@ def gauge_project_model(model: nn.Module | None, mu: Any = "auto", eps: float = 
     layers projected and the wall time in ms."""
     check_options(mu, eps, eig_floor, guard, moments)
     t0 = time.perf_counter()
+    layers = _lora_layers(model, layers)
+    if optimizer is not None and moments == "transport":
+        _check_transportable(optimizer, [t for l in layers for t in (l.lora_A, l.lora_B)])
     shapes = defaultdict(list)  # layers that share a shape share the Gram and product batches
-    for l in _lora_layers(model, layers):
+    for l in layers:
         shapes[(tuple(l.lora_A.shape), tuple(l.lora_B.shape), l.lora_A.device)].append(l)
     by_rank = defaultdict(list)  # the r x r math of all layers of one rank is one batch
     for (shape_A, shape_B, device), group in shapes.items():
@@ -221,7 +232,7 @@ class _Factors:  # a stand-in layer for a bare (A, B) pair
 
 
 def gauge_project_(layer_or_factors, mu: Any = "auto", eps: float = 1e-4, eig_floor: float = 1e-12,
-                   optimizer: torch.optim.Optimizer | None = None, moments: str = "keep") -> dict[str, float]:
+                   optimizer: torch.optim.Optimizer | None = None, moments: str = "reset") -> dict[str, float]:
     """Project one LoRA layer, or an (A, B) pair of tensors, in place and unguarded; returns the metrics."""
     layer = _Factors(*layer_or_factors) if isinstance(layer_or_factors, (tuple, list)) else layer_or_factors
     return gauge_project_model(None, mu, eps, eig_floor, guard=0.0, optimizer=optimizer, moments=moments,
@@ -234,7 +245,7 @@ class GaugeProjectedOptimizer(torch.optim.Optimizer):
     the base optimizer's; state_dict is the base's plus this wrapper's step count (the base optimizer loads it too)."""
 
     def __init__(self, base_opt: torch.optim.Optimizer, model: nn.Module, mu: Any = "auto", eps: float = 1e-4,
-                 eig_floor: float = 1e-12, guard: float = 0.01, moments: str = "transport", every: int = 1,
+                 eig_floor: float = 1e-12, guard: float = 0.01, moments: str = "reset", every: int = 1,
                  warmup_steps: int = 0):
         # deliberately no super().__init__: every piece of optimizer state is the base optimizer's
         check_options(mu, eps, eig_floor, guard, moments, every, warmup_steps)
