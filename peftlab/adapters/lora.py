@@ -39,7 +39,7 @@ class LoRALinear(AdapterLayer):
         x = self.dropout(x)
         if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmul casts anyway
             x = x.to(self.lora_A.dtype)
-        return (x @ self.lora_A.T @ self.lora_B.T) * self.scaling
+        return ((x @ self.lora_A.T) * self.scaling) @ self.lora_B.T  # scale the r-wide intermediate, not the output
 
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * (self.lora_B.float() @ self.lora_A.float())
