@@ -194,6 +194,9 @@ layers = apply_adapters(model, peft_cfg())
 g, s, n = estimate_gradient(model, layers, random_examples(11), 0, 4, acc, second_moments=True, progress=False)
 if acc.is_main_process:
     torch.save({{"g": g, "s": s, "n": n}}, sys.argv[1])
+acc.wait_for_everyone()
+if torch.distributed.is_initialized():  # a live gloo group at exit can abort the interpreter
+    torch.distributed.destroy_process_group()
 """)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     for nproc in (1, 2):
