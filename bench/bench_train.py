@@ -128,7 +128,6 @@ def bench_config(hidden: int, layers: int, seq: int, bsz: int, r: int, targets: 
     fns, notes = variants(base, targets, r, batch, n_targets)
     times = interleaved_times({k: v[0] for k, v in fns.items()}, repeats=repeats, warmup=1)
     med = {k: statistics.median(v) for k, v in times.items()}
-    lora = med["lora"]
     # ratios: the median of the per-repeat ratios (both taken in the same repeat, seconds apart), which cancels
     # slow load drifts better than a ratio of medians
     paired = {k: statistics.median(a / b for a, b in zip(times[k], times["lora"])) for k in times}

@@ -127,7 +127,7 @@ def summary(runs: list[dict], quick: bool, started: float) -> str:
     files = sorted(RESULTS.glob("*.json"))
     files = [f for f in files if f.name != "run_all.json"]
     here = machine()
-    lines = [f"# peftlab benchmarks", "",
+    lines = ["# peftlab benchmarks", "",
              f"Machine: {machine_line(here)}. Written {datetime.now():%Y-%m-%d %H:%M} by `python -m bench.run_all"
              f"{' --quick' if quick else ''}`{' (quick: small sizes, few repeats)' if quick else ''}. "
              "Every figure is a median over repeats; every ratio is measured side by side in one run.", ""]

@@ -1,7 +1,6 @@
 """Loading a causal LM and its tokenizer: a hub name, a local folder, or the embedded tiny default."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch

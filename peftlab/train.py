@@ -16,7 +16,6 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +26,7 @@ from .adapters import adapter_layers, apply_adapters, get_method, unwrap
 from .config import resolve_config
 from .data.datasets import Example, collate, train_eval_examples
 from .export import save_merged, save_peft_adapter
+from .fsdp import average_gradients, shard_frozen_base, sharding_strategy
 from .init import InitContext, get_init
 from .models import load_model_and_tokenizer
 from .utils import atomic_dir, atomic_write_json, atomic_write_text, recover_dir
@@ -139,13 +139,25 @@ def save_checkpoint(run_dir: Path, accelerator, model, optimizer, scheduler, sta
 
 
 def load_adapters(model, folder: Path) -> None:
-    states = torch.load(folder / "adapters.pt", weights_only=False)
+    load_adapter_states(model, torch.load(folder / "adapters.pt", weights_only=False), f"checkpoint {folder}")
+
+
+def load_adapter_states(model, states: dict, source: str) -> None:
     layers = adapter_layers(model)
     if set(states) != set(layers):
-        raise ValueError(f"checkpoint {folder} holds adapters for other modules than this run's targets: "
+        raise ValueError(f"{source} holds adapters for other modules than this run's targets: "
                          f"{sorted(set(states) ^ set(layers))[:5]}")
     for name, layer in layers.items():
         layer.load_adapter_state(states[name])
+
+
+def whole_copy(cfg: DictConfig, model):
+    """The trained model unsharded, on the CPU: the original weights with its adapter states (offsets included)
+    loaded as a resume loads them."""
+    plain, _, _ = load_model_and_tokenizer(cfg.model)
+    apply_adapters(plain, cfg.peft, cfg.method, cfg.method.name)
+    load_adapter_states(plain, {n: l.adapter_state() for n, l in adapter_layers(model).items()}, "the trained model")
+    return plain
 
 
 class MetricsLog:
@@ -238,12 +250,15 @@ def evaluate(model, examples: list[Example], pad_id: int, batch: int, accelerato
     rank, world = accelerator.process_index, accelerator.num_processes
     shard = examples[rank::world]
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    for i in range(0, len(shard), batch):
-        b = {k: v.to(accelerator.device) for k, v in collate(shard[i:i + batch], pad_id).items()}
+    # as many forwards on every process (FSDP's are collective): a short shard runs a discarded stand-in batch
+    for i in range(0, -(-len(examples) // world), batch):
+        part = shard[i:i + batch]
+        b = {k: v.to(accelerator.device) for k, v in collate(part or examples[:1], pad_id).items()}
         with accelerator.autocast():
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        total[0] += token_loss_sum(logits, b["labels"]).double()
-        total[1] += (b["labels"][:, 1:] != -100).sum()
+        if part:
+            total[0] += token_loss_sum(logits, b["labels"]).double()
+            total[1] += (b["labels"][:, 1:] != -100).sum()
     total = accelerator.reduce(total, reduction="sum")
     model.train()
     return float(total[0] / total[1].clamp(min=1))
@@ -259,11 +274,11 @@ def train(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(cfg)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
-        raise NotImplementedError(
-            f"the trainer does not shard adapters yet ({accelerator.distributed_type.name}): checkpoints, export and "
-            "method hooks need whole adapter matrices; launch with conf/accelerate/ddp.yaml (LoRA adapters are small, "
-            "DDP replicates only them in the optimizer)")
+    if accelerator.distributed_type.name == "DEEPSPEED":
+        raise ValueError("peftlab does not train under DeepSpeed; for a sharded base use FSDP (train.fsdp=full_shard "
+                         "or conf/accelerate/fsdp.yaml), which keeps the adapters whole")
+    fsdp = sharding_strategy(cfg.train.get("fsdp"), accelerator)
+    fsdp = fsdp if world > 1 else None  # one process has nothing to shard over
     m = cfg.model
     per_step_micro = m.real_batch_size // m.per_device_batch_size
     if per_step_micro % world:
@@ -271,6 +286,10 @@ def train(cfg: DictConfig) -> dict:
                          f"{m.per_device_batch_size} = {per_step_micro} micro-batches per step cannot be shared "
                          f"by {world} processes; make it a multiple of {world}")
     model, tokenizer, model_path = load_model_and_tokenizer(m)
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError("the model loaded with empty (meta) weights on this process, as accelerate's "
+                         "fsdp_cpu_ram_efficient_loading does; every process needs the whole weights for the inits: "
+                         "set fsdp_cpu_ram_efficient_loading: false (conf/accelerate/fsdp.yaml does)")
     train_ex, eval_ex = train_eval_examples(cfg.dataset, tokenizer, m.max_length)
     if len(train_ex) < m.real_batch_size:
         raise ValueError(f"dataset '{cfg.dataset.name}' ({cfg.dataset.path}) has {len(train_ex)} usable training "
@@ -325,7 +344,10 @@ def train(cfg: DictConfig) -> dict:
         state = json.loads((ckpt_dir / "trainer_state.json").read_text())
         set_rng_state(torch.load(ckpt_dir / f"rng_{rank}.pt", weights_only=False))
 
-    ddp_model = accelerator.prepare(model) if world > 1 else model
+    if fsdp:
+        ddp_model = shard_frozen_base(model, fsdp, accelerator.device)
+    else:
+        ddp_model = accelerator.prepare(model) if world > 1 else model
     wandb_run = init_wandb(cfg, run_dir) if main else None
     log = MetricsLog(run_dir / "metrics.jsonl", main, wandb_run)
     if resuming:
@@ -364,7 +386,7 @@ def train(cfg: DictConfig) -> dict:
         for j, idx in enumerate(micros):
             b = {k: v.to(accelerator.device) for k, v in collate([train_ex[i] for i in idx], pad_id).items()}
             sync = j == len(micros) - 1
-            with (accelerator.no_sync(ddp_model) if (world > 1 and not sync) else _null()):
+            with (accelerator.no_sync(ddp_model) if (world > 1 and not sync and not fsdp) else _null()):
                 with accelerator.autocast():
                     out = ddp_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                                     output_hidden_states=aligning and aligner.needs_hidden_states)
@@ -382,6 +404,8 @@ def train(cfg: DictConfig) -> dict:
                         extra_total += float(extra.detach()) / len(micros)
                 loss.backward()
             loss_sum += lsum.detach().double()
+        if fsdp:
+            average_gradients(params_of(optimizer), world)
         loss_sum = accelerator.reduce(loss_sum, reduction="sum")
         train_loss = float(loss_sum) / n_targets  # the task loss; the alignment term is logged apart
         align_loss = float(accelerator.reduce(align_sum, reduction="sum")) / n_targets if aligning else 0.0
@@ -452,8 +476,8 @@ def train(cfg: DictConfig) -> dict:
                           extra={"method": cfg.method.name, "init": cfg.init.name})
         tokenizer.save_pretrained(run_dir / "adapter")
         spec.on_train_end(unwrap(model), run_dir, cfg.method)
-        if m.saving:
-            save_merged(model, tokenizer, run_dir / "merged")
+        if m.saving:  # under FSDP the live base is sharded: merge into a whole copy instead
+            save_merged(whole_copy(cfg, model) if fsdp else model, tokenizer, run_dir / "merged")
         atomic_write_json(run_dir / "summary.json", summary)
         line = summary_line(summary)
         atomic_write_text(run_dir / "summary.txt", line + "\n")

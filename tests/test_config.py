@@ -1,6 +1,4 @@
 """Config composition of every group (Hydra's compose API) and early, clear errors."""
-from pathlib import Path
-
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict

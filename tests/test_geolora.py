@@ -70,7 +70,7 @@ def test_backward_gives_the_K_S_L_gradients_of_the_dense_gradient():
     x2 = x.detach().clone().requires_grad_(True)
     ((layer.base(x2) + x2 @ W.T) ** 3).sum().backward()
     GW = 2.0 * W.grad  # d/d(U S V^T) = s * d/d(delta)
-    U, S, V = layer.U.detach(), layer.S.detach(), layer.V.detach()
+    U, V = layer.U.detach(), layer.V.detach()
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(layer.geo_U.grad[:, :3], GW @ V, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(layer.geo_S.grad[:3, :3], U.T @ GW @ V, rtol=1e-4, atol=1e-4)

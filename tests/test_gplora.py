@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from peftlab.adapters import LoRALinear, apply_adapters, get_method
-from peftlab.optim.gauge import (GaugeProjectedOptimizer, gauge_matrices, gauge_project_, gauge_project_model,
+from peftlab.optim.gauge import (GaugeProjectedOptimizer, gauge_project_, gauge_project_model,
                                  imbalance, resolve_mu)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,8 +3,8 @@ a 3-task array of the embedded default (one seed per task); a requeue in the mid
 --signal sends it) that resumes to the uninterrupted result, through the array script with 1 and 2 processes, the
 multi-node script (srun + torchrun c10d, 1 node x 2 processes) and a submitit multirun submitted as one job array;
 two processes equal to one; the eval script over the sweep; the report over the finished sweep. Skips with the
-reason where no cluster starts. Also, without a cluster: conf/accelerate/fsdp.yaml's recipe trains LoRA on 2 CPU
-processes like one process, and the accelerate configs' keys reach accelerate's launcher."""
+reason where no cluster starts. Also, without a cluster: the accelerate configs' keys reach accelerate's launcher
+(the trainer under FSDP: test_fsdp.py)."""
 import csv
 import json
 import os
@@ -341,85 +341,7 @@ def test_report_over_the_finished_sweep(evaluated_sweep, tmp_path):
     assert (tmp_path / "loss_curves.png").exists() and "| lora | default | 3 |" in r.stdout
 
 
-# ---- FSDP (no cluster needed) ----------------------------------------------------------------------------------------
-FSDP_STEPS = """import os, sys
-from contextlib import nullcontext
-from functools import partial
-import torch
-import torch.distributed as dist
-from omegaconf import OmegaConf
-from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy
-from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
-from transformers import AutoModelForCausalLM
-from peftlab.adapters import adapter_layers, apply_adapters
-
-model_dir, out, fsdp_yaml = sys.argv[1:4]
-world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-torch.manual_seed(0)
-model = AutoModelForCausalLM.from_pretrained(model_dir)
-peft = {"target_set": "qkvo", "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "use_rslora": False}
-apply_adapters(model, OmegaConf.create(peft), OmegaConf.create({"name": "lora"}))
-for layer in adapter_layers(model).values():  # B != 0: every factor gets a gradient
-    torch.nn.init.normal_(layer.lora_B, std=0.05)
-params = [p for p in model.parameters() if p.requires_grad]
-opt = torch.optim.AdamW(params, lr=1e-2)  # built before wrapping, as peftlab's trainer does
-x = torch.randint(3, 120, (8, 16), generator=torch.Generator().manual_seed(1))
-if world > 1:
-    dist.init_process_group("gloo")
-    cfg = OmegaConf.load(fsdp_yaml).fsdp_config
-    assert cfg.fsdp_auto_wrap_policy == "TRANSFORMER_BASED_WRAP"
-    layer_cls = {type(m) for m in model.modules() if type(m).__name__ in model._no_split_modules}
-    wrapped = FSDP(model, use_orig_params=cfg.fsdp_use_orig_params,
-                   sharding_strategy=ShardingStrategy[cfg.fsdp_sharding_strategy], device_id=torch.device("cpu"),
-                   auto_wrap_policy=partial(transformer_auto_wrap_policy, transformer_layer_cls=layer_cls),
-                   sync_module_states=cfg.fsdp_sync_module_states and torch.cuda.is_available())  # GPU only
-    x = x[rank::world]  # equal token counts per rank: the mean over ranks is the global mean
-else:
-    wrapped = model
-for step in range(3):
-    wrapped(input_ids=x, labels=x).loss.backward()
-    wrapped.clip_grad_norm_(0.05) if world > 1 else torch.nn.utils.clip_grad_norm_(params, 0.05)
-    opt.step()
-    opt.zero_grad()
-# the wrapped layers' names gain "_fsdp_wrapped_module." (a checkpoint keyed by module name must drop it)
-layers = {n.replace("_fsdp_wrapped_module.", ""): l for n, l in adapter_layers(model).items()}
-sharded = {n: tuple(l.lora_A.shape) for n, l in layers.items()}  # outside summon_full_params: flat shards
-with FSDP.summon_full_params(wrapped, writeback=False) if world > 1 else nullcontext():
-    state = {n: {k: v.clone() for k, v in l.adapter_state().items() if torch.is_tensor(v)} for n, l in layers.items()}
-if rank == 0:
-    torch.save({"state": state, "sharded": sharded}, out)
-if world > 1:
-    dist.destroy_process_group()
-"""
-
-
-def test_fsdp_config_trains_lora_like_one_process(tiny_llama_dir, tmp_path):
-    """conf/accelerate/fsdp.yaml's recipe (v1, use_orig_params, one flat parameter per decoder layer mixing frozen
-    base and trainable LoRA tensors, FULL_SHARD) on 2 CPU processes (gloo): the same LoRA factors after 3 clipped
-    AdamW steps as one process; the factors must be gathered (summon_full_params) to be read. (Without
-    use_orig_params FSDP v1 refuses the mixed flat parameter: "Must flatten tensors with uniform requires_grad".)"""
-    script = tmp_path / "fsdp_steps.py"
-    script.write_text(FSDP_STEPS)
-    fsdp_yaml = ROOT / "conf/accelerate/fsdp.yaml"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    def run(nproc, out):
-        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                    if nproc > 1 else [sys.executable])
-        return subprocess.run([*launcher, str(script), str(tiny_llama_dir), str(out), str(fsdp_yaml)], cwd=ROOT,
-                              env=env, capture_output=True, text=True, timeout=300)
-
-    r1, r2 = run(1, tmp_path / "one.pt"), run(2, tmp_path / "two.pt")
-    assert r1.returncode == 0, r1.stderr[-3000:]
-    assert r2.returncode == 0, r2.stderr[-3000:]
-    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
-    for name, layer in one["state"].items():
-        for k, v in layer.items():
-            torch.testing.assert_close(two["state"][name][k], v, rtol=0, atol=1e-5, msg=f"{name}.{k}")
-        r, n_in = layer["lora_A"].shape
-        assert two["sharded"][name] != (r, n_in)  # what a checkpoint taken without gathering would hold
-
-
+# ---- without a cluster -------------------------------------------------------------------------------------------
 def test_accelerate_configs_reach_the_launcher():
     """The yaml keys are accelerate's own (a misspelt key would be dropped silently)."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
@@ -433,11 +355,10 @@ def test_accelerate_configs_reach_the_launcher():
 
     args, env = env_of("fsdp.yaml")
     assert args.use_fsdp and args.num_processes == 4
-    assert {k: env[k] for k in ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "FSDP_USE_ORIG_PARAMS", "FSDP_AUTO_WRAP_POLICY",
-                                "FSDP_SHARDING_STRATEGY", "FSDP_CPU_RAM_EFFICIENT_LOADING")} == {
-        "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1", "FSDP_USE_ORIG_PARAMS": "true",
-        "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP", "FSDP_SHARDING_STRATEGY": "FULL_SHARD",
-        "FSDP_CPU_RAM_EFFICIENT_LOADING": "false"}
+    assert {k: env[k] for k in ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "FSDP_SHARDING_STRATEGY",
+                                "FSDP_CPU_RAM_EFFICIENT_LOADING")} == {
+        "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1", "FSDP_SHARDING_STRATEGY": "FULL_SHARD",
+        "FSDP_CPU_RAM_EFFICIENT_LOADING": "false"}  # every rank loads whole weights (the inits need them)
     args, env = env_of("ddp.yaml")
     assert args.multi_gpu and not args.use_fsdp and "ACCELERATE_USE_FSDP" not in env
     assert args.main_process_port not in (0, 29500)  # port 0 became a free port: array tasks may share a node

@@ -216,9 +216,9 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
-    """Adapter layers by the name of the module they replaced (no DDP/compile prefixes)."""
+    """Adapter layers by the name of the module they replaced (no DDP/FSDP/compile prefixes)."""
     model = unwrap(model)
-    return {n: m for n, m in model.named_modules() if isinstance(m, AdapterLayer)}
+    return {n.replace("_fsdp_wrapped_module.", ""): m for n, m in model.named_modules() if isinstance(m, AdapterLayer)}
 
 
 def unwrap(model: nn.Module) -> nn.Module:

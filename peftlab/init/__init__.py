@@ -2,7 +2,6 @@
 calibration data through ``InitContext``."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 

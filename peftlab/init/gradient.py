@@ -89,6 +89,10 @@ def estimate_gradient(model: torch.nn.Module, layers: dict[str, AdapterLayer], s
     ``bsz`` is the global micro-batch: each of the ``world`` processes runs bsz // world samples per pass.
     ``loss_sum(model, batch)`` replaces the summed token cross-entropy (e.g. a teacher-alignment objective); it is
     divided by the global target-token count like the default."""
+    if any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
+        # a sharded base weight has no whole gradient to hook (and ZeRO-3 peers return a silent zero)
+        raise ValueError("estimate_gradient needs the whole base weights, but this model is sharded by FSDP; run the "
+                         "init before wrapping (the trainer does: every process loads the whole model first)")
     loss_sum = loss_sum or _token_loss_sum
     rank = accelerator.process_index if accelerator else 0
     world = accelerator.num_processes if accelerator else 1
