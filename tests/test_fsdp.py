@@ -4,7 +4,6 @@ methods whose hooks rewrite whole matrices."""
 import json
 import os
 import signal
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +13,7 @@ from safetensors.torch import load_file
 
 from peftlab.adapters import apply_adapters
 from peftlab.fsdp import adapter_owned_parameters, decoder_layer_classes, shard_frozen_base, sharding_strategy
-from test_train import ROOT, adapter_tensors, run_cli
+from test_train import ROOT, adapter_tensors, run_cli, wait_for_checkpoint
 
 SMALL = ["+peft=qv", "++peft.lora_dropout=0", "model.per_device_batch_size=8", "++dataset.eval_samples=63"]
 
@@ -103,11 +102,7 @@ def test_sharded_run_with_a_gradient_init_resumes_after_sigkill_and_exports_like
     finish(ddp)
     fsdp = [*over, "train.fsdp=full_shard"]
     p = run_cli(tmp_path / "fsdp", fsdp, nproc=2, start_new_session=True)
-    state = tmp_path / "fsdp/checkpoint/trainer_state.json"
-    deadline = time.time() + 300
-    while not (state.exists() and json.loads(state.read_text())["step"] >= 10) and time.time() < deadline:
-        assert p.poll() is None, p.stdout.read()
-        time.sleep(0.05)
+    state = wait_for_checkpoint(p, tmp_path / "fsdp", 10)
     os.killpg(p.pid, signal.SIGKILL)  # the launcher and both workers
     p.wait()
     assert json.loads(state.read_text())["step"] < 40 and not (tmp_path / "fsdp/summary.json").exists()

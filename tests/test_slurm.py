@@ -200,18 +200,23 @@ def test_array_runs_one_seed_per_task(array_runs):
     assert cfg.wandb.group == f"peftlab-{job}" and cfg.wandb.name == "seed=2" and cfg.resume is True
 
 
+def usr1_after_step_8(cluster, job, run):
+    """Signal the batch shell as --signal=B:USR1 would once the run has logged step 8; the task's final record."""
+    deadline = time.time() + 240
+    while not ((run / "metrics.jsonl").exists() and any(r.get("step", 0) >= 8 for r in metrics(run))):
+        assert time.time() < deadline and cluster.jobs(job)[0]["JobState"] in ("PENDING", "RUNNING")
+        time.sleep(0.05)
+    cluster.run("scancel", "--signal=USR1", "--batch", f"{job}_0")
+    return cluster.wait(job)
+
+
 def test_requeue_in_the_middle_resumes_to_the_uninterrupted_result(cluster, array_runs, sweep_file, tmp_path):
     """USR1 to the batch shell (as --signal=B:USR1@300 sends it): checkpoint, scontrol requeue, resume, same end."""
     run = tmp_path / "runs" / "0"
     t = time.time()
     job = cluster.sbatch("--array=0", *SMALL, f"--output={tmp_path}/%A_%a.log", str(ROOT / "slurm/array.sbatch"),
                          str(sweep_file), *COMMON, env={"RUN_ROOT": str(tmp_path / "runs")})
-    deadline = time.time() + 240
-    while not ((run / "metrics.jsonl").exists() and any(r.get("step", 0) >= 8 for r in metrics(run))):
-        assert time.time() < deadline and cluster.jobs(job)[0]["JobState"] in ("PENDING", "RUNNING")
-        time.sleep(0.05)
-    cluster.run("scancel", "--signal=USR1", "--batch", f"{job}_0")
-    (task,) = cluster.wait(job)
+    (task,) = usr1_after_step_8(cluster, job, run)
     log = next(tmp_path.glob("*.log")).read_text()
     print(f"requeued run: {time.time() - t:.1f} s")
     assert task["JobState"] == "COMPLETED" and task["Restarts"] == "1", log
@@ -231,12 +236,7 @@ def test_two_processes_under_the_array_script_equal_one_through_a_requeue(cluste
     job = cluster.sbatch("--array=0", "--gpus-per-node=0", "--cpus-per-task=2", "--mem=1G",
                          f"--output={tmp_path}/%A_%a.log", str(ROOT / "slurm/array.sbatch"), str(sweep_file), *COMMON,
                          env={"RUN_ROOT": str(tmp_path / "runs"), "NPROC": "2", "ACCELERATE_USE_CPU": "1"})
-    deadline = time.time() + 240
-    while not ((run / "metrics.jsonl").exists() and any(r.get("step", 0) >= 8 for r in metrics(run))):
-        assert time.time() < deadline and cluster.jobs(job)[0]["JobState"] in ("PENDING", "RUNNING")
-        time.sleep(0.05)
-    cluster.run("scancel", "--signal=USR1", "--batch", f"{job}_0")
-    (task,) = cluster.wait(job)
+    (task,) = usr1_after_step_8(cluster, job, run)
     log = next(tmp_path.glob("*.log")).read_text()
     assert task["JobState"] == "COMPLETED" and task["Restarts"] == "1", log
     assert "2 process(es)" in log and "accelerate.commands.launch" in log and "and the job requeued" in log

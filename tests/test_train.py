@@ -34,6 +34,16 @@ def run_cli(run_dir, overrides=(), nproc=1, **popen):
                             **popen)
 
 
+def wait_for_checkpoint(proc, run_dir, step) -> Path:
+    """Wait while ``proc`` runs until run_dir's checkpoint has reached ``step``; its trainer_state.json."""
+    state = Path(run_dir) / "checkpoint/trainer_state.json"
+    deadline = time.time() + 300
+    while not (state.exists() and json.loads(state.read_text())["step"] >= step) and time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    return state
+
+
 def adapter_tensors(run_dir):
     return load_file(str(Path(run_dir) / "adapter" / "adapter_model.safetensors"))
 
@@ -105,11 +115,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     full = run_cli(tmp_path / "full", over)
     assert full.wait(300) == 0, full.stdout.read()
     p = run_cli(tmp_path / "killed", over)
-    state = tmp_path / "killed/checkpoint/trainer_state.json"
-    deadline = time.time() + 300
-    while not (state.exists() and json.loads(state.read_text())["step"] >= 20) and time.time() < deadline:
-        assert p.poll() is None, p.stdout.read()
-        time.sleep(0.05)
+    state = wait_for_checkpoint(p, tmp_path / "killed", 20)
     p.send_signal(signal.SIGKILL)
     p.wait()
     killed_at = json.loads(state.read_text())["step"]
