@@ -96,7 +96,7 @@ def variants(base, targets: list[str], r: int, batch, n_targets, autocast_dtype=
     trained_looking_B(pm)
     out["peft_lora"] = make_step(pm, None, run_cfg("lora", {}), batch, n_targets, autocast_dtype)
     get_method("lora")  # imports every method module that exists
-    for name in sorted(METHODS):
+    for name in METHODS.names():
         for suffix, over in VARIANTS.get(name, {"": {}}).items():
             try:
                 cfg = run_cfg(name, over)

@@ -128,7 +128,7 @@ class Variant:
 def variants(methods: list[str] | None) -> list[Variant]:
     get_method("lora")  # imports every method module that exists
     out = []
-    for name in sorted(METHODS):
+    for name in METHODS.names():
         if methods and name not in methods and not any(m.startswith(name + ":") for m in methods):
             continue
         if name == "rotational_pissa":
@@ -151,7 +151,7 @@ def init_names(inits: list[str] | None) -> list[str]:
     get_init("default")  # imports every init module that exists
     order = ["default", "gaussian", "pissa", "gradient"]
     names = []
-    for n in sorted(INITS, key=lambda k: (order.index(k) if k in order else len(order), k)):
+    for n in sorted(INITS.names(), key=lambda k: (order.index(k) if k in order else len(order), k)):
         names += list(GRADIENT_DIRECTIONS) if n == "gradient" else [n]
     if inits:
         unknown = set(inits) - set(names)
@@ -502,7 +502,7 @@ def run_lab(a) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     vs, inits = variants(a.methods), init_names(a.inits)
     if not vs:
-        raise SystemExit(f"no method matches {a.methods}; registered: {sorted(METHODS)}")
+        raise SystemExit(f"no method matches {a.methods}; registered: {METHODS.names()}")
     md = ["# peftlab method lab", "", f"`python -m peftlab.lab{' --quick' if a.quick else ''}`; methods: "
           f"{', '.join(v.label for v in vs)}; inits: {', '.join(inits)}.", ""]
     result = {}

@@ -7,33 +7,13 @@ from torch import nn
 
 from .base import (AdapterLayer, MethodSpec, adapter_layers, find_targets, resolve_target_patterns, set_module,
                    unwrap)
+from ..registry import Registry
 from .lora import LORA, LoRALinear, lora_scaling
 
-METHODS: dict[str, MethodSpec] = {"lora": LORA}
-
-
-def register_method(spec: MethodSpec) -> MethodSpec:
-    METHODS[spec.name] = spec
-    return spec
-
-
-def get_method(name: str) -> MethodSpec:
-    _import_methods()
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; allowed: {sorted(METHODS)}")
-    return METHODS[name]
-
-
-def _import_methods() -> None:
-    """Methods in their own files register themselves on import."""
-    import importlib
-
-    for mod in ("gplora", "geolora", "rotational_pissa"):
-        try:
-            importlib.import_module(f"{__name__}.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{mod}":
-                raise
+METHODS: Registry = Registry("method", __name__, ("gplora", "geolora", "rotational_pissa"))
+register_method = METHODS.register
+get_method = METHODS.lookup
+register_method(LORA)
 
 
 def apply_adapters(model: nn.Module, peft_cfg: Any, method_cfg: Any = None, method: str = "lora",

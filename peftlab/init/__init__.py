@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..adapters import AdapterLayer
+from ..registry import Registry
 
 
 @dataclass
@@ -33,30 +34,9 @@ class InitSpec:
     validate: Callable[[Any], None] = lambda init_cfg: None
 
 
-INITS: dict[str, InitSpec] = {}
-
-
-def register_init(spec: InitSpec) -> InitSpec:
-    INITS[spec.name] = spec
-    return spec
-
-
-def get_init(name: str) -> InitSpec:
-    _import_inits()
-    if name not in INITS:
-        raise ValueError(f"unknown init {name!r}; allowed: {sorted(INITS)}")
-    return INITS[name]
-
-
-def _import_inits() -> None:
-    import importlib
-
-    for mod in ("pissa", "gradient"):
-        try:
-            importlib.import_module(f"{__name__}.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{mod}":
-                raise
+INITS: Registry = Registry("init", __name__, ("pissa", "gradient"))
+register_init = INITS.register
+get_init = INITS.lookup
 
 
 def lora_factor_layers(ctx: InitContext, init_name: str) -> dict[str, AdapterLayer]:
