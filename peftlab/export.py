@@ -96,9 +96,10 @@ def _re_escape(name: str) -> str:
     return name.replace(".", r"\.")
 
 
-def save_merged(model: nn.Module, tokenizer: Any, folder: str | Path) -> Path:
-    """Save the merged model (every adapter folded into its base weight) and tokenizer, loadable by AutoModel."""
-    merged = merge_adapters(copy.deepcopy(unwrap(model)))
+def save_merged(model: nn.Module, tokenizer: Any, folder: str | Path, in_place: bool = False) -> Path:
+    """Save the merged model (every adapter folded into its base weight) and tokenizer, loadable by AutoModel.
+    ``in_place``: merge ``model`` itself (a throwaway copy) instead of a deep copy of it."""
+    merged = merge_adapters(unwrap(model) if in_place else copy.deepcopy(unwrap(model)))
     folder = Path(folder)
     with atomic_dir(folder) as tmp:
         merged.save_pretrained(tmp)

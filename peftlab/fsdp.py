@@ -50,8 +50,9 @@ def adapter_owned_parameters(model: nn.Module) -> list[nn.Parameter]:
     read and rewrite, so it stays whole. (Adapter buffers such as Rotational PiSSA's U, V are never sharded.)"""
     from .adapters import adapter_layers
 
-    base = {id(p) for layer in adapter_layers(model).values() for p in layer.base.parameters()}
-    return [p for layer in adapter_layers(model).values() for p in layer.parameters() if id(p) not in base]
+    layers = adapter_layers(model).values()
+    base = {id(p) for layer in layers for p in layer.base.parameters()}
+    return [p for layer in layers for p in layer.parameters() if id(p) not in base]
 
 
 def shard_frozen_base(model: nn.Module, strategy: str, device: torch.device) -> nn.Module:
@@ -71,7 +72,8 @@ def shard_frozen_base(model: nn.Module, strategy: str, device: torch.device) -> 
     # every process loaded the same weights and ran the same (seeded) init: nothing to broadcast, which also lets
     # FSDP run on CPU processes (its sync_module_states needs a GPU)
     return FSDP(model, auto_wrap_policy=policy, sharding_strategy=ShardingStrategy[strategy.upper()],
-                ignored_states=adapters, device_id=torch.device("cpu") if device.type == "cpu" else device, sync_module_states=False, use_orig_params=False)
+                ignored_states=adapters, device_id=torch.device("cpu") if device.type == "cpu" else device,
+                sync_module_states=False, use_orig_params=False)
 
 
 def average_gradients(params: list[torch.Tensor], world: int) -> None:

@@ -126,7 +126,6 @@ class Variant:
 
 
 def variants(methods: list[str] | None) -> list[Variant]:
-    get_method("lora")  # imports every method module that exists
     out = []
     for name in METHODS.names():
         if methods and name not in methods and not any(m.startswith(name + ":") for m in methods):
@@ -146,9 +145,8 @@ def variants(methods: list[str] | None) -> list[Variant]:
 
 
 def init_names(inits: list[str] | None) -> list[str]:
-    from .init import INITS, get_init
+    from .init import INITS
 
-    get_init("default")  # imports every init module that exists
     order = ["default", "gaussian", "pissa", "gradient"]
     names = []
     for n in sorted(INITS.names(), key=lambda k: (order.index(k) if k in order else len(order), k)):

@@ -19,11 +19,7 @@ class Registry(dict):
             return
         self._loaded = True
         for mod in self.modules:
-            try:
-                importlib.import_module(f"{self.package}.{mod}")
-            except ModuleNotFoundError as e:
-                if e.name != f"{self.package}.{mod}":
-                    raise
+            importlib.import_module(f"{self.package}.{mod}")
 
     def lookup(self, name: str):
         self._load()

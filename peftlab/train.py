@@ -476,8 +476,10 @@ def train(cfg: DictConfig) -> dict:
                           extra={"method": cfg.method.name, "init": cfg.init.name})
         tokenizer.save_pretrained(run_dir / "adapter")
         spec.on_train_end(unwrap(model), run_dir, cfg.method)
-        if m.saving:  # under FSDP the live base is sharded: merge into a whole copy instead
-            save_merged(whole_copy(cfg, model) if fsdp else model, tokenizer, run_dir / "merged")
+        if m.saving and fsdp:  # the live base is sharded: merge a whole copy instead
+            save_merged(whole_copy(cfg, model), tokenizer, run_dir / "merged", in_place=True)
+        elif m.saving:
+            save_merged(model, tokenizer, run_dir / "merged")
         atomic_write_json(run_dir / "summary.json", summary)
         line = summary_line(summary)
         atomic_write_text(run_dir / "summary.txt", line + "\n")

@@ -5,9 +5,9 @@ from typing import Any
 
 from torch import nn
 
+from ..registry import Registry
 from .base import (AdapterLayer, MethodSpec, adapter_layers, find_targets, resolve_target_patterns, set_module,
                    unwrap)
-from ..registry import Registry
 from .lora import LORA, LoRALinear, lora_scaling
 
 METHODS: Registry = Registry("method", __name__, ("gplora", "geolora", "rotational_pissa"))
