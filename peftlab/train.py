@@ -267,6 +267,14 @@ def evaluate(model, examples: list[Example], pad_id: int, batch: int, accelerato
 # ---- the run ---------------------------------------------------------------------------------------------------------
 def train(cfg: DictConfig) -> dict:
     """Train one run as configured; returns the summary (also written to run_dir/summary.json)."""
+    try:
+        return _train(cfg)
+    finally:  # on every exit (the end, a stop signal, an error): gloo aborts processes that leave with the group alive
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: DictConfig) -> dict:
     cfg = resolve_config(cfg)
     stop = StopSignal()  # from the start: a signal during loading or the init must not kill the run
     t_start = time.time()
@@ -489,8 +497,6 @@ def train(cfg: DictConfig) -> dict:
             wandb_run.summary.update({k: v for k, v in summary.items() if v is not None})
             wandb_run.finish()
     accelerator.wait_for_everyone()
-    if world > 1:  # a clean exit: gloo aborts processes that leave with the group alive
-        torch.distributed.destroy_process_group()
     return summary
 
 
