@@ -176,7 +176,7 @@ def main():
     a = ap.parse_args()
     limit = a.limit or (170 if a.quick else 3600)
     budget = a.budget or (560 if a.quick else float("inf"))
-    started = time.time()
+    started = t0 = time.time()
     runs = []
     if not a.summary_only:
         for name in modules(a.only):
@@ -194,7 +194,7 @@ def main():
         started = 0.0
     text = summary(runs, a.quick, started)
     (RESULTS / "summary.md").write_text(text + "\n")
-    print(f"bench: wrote {RESULTS / 'summary.md'} ({time.time() - started:.0f} s)")
+    print(f"bench: wrote {RESULTS / 'summary.md'} ({time.time() - t0:.0f} s)")
 
 
 if __name__ == "__main__":
