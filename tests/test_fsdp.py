@@ -19,7 +19,11 @@ SMALL = ["+peft=qv", "++peft.lora_dropout=0", "model.per_device_batch_size=8", "
 
 
 def fake_accelerator(kind="MULTI_CPU", strategy=None):
-    plugin = SimpleNamespace(sharding_strategy=SimpleNamespace(name=strategy)) if strategy else None
+    """What the trainer reads of an Accelerator (accelerate builds no FSDP plugin without a GPU); the plugin holds
+    torch's ShardingStrategy, as accelerate's does."""
+    from torch.distributed.fsdp import ShardingStrategy
+
+    plugin = SimpleNamespace(sharding_strategy=ShardingStrategy[strategy]) if strategy else None
     return SimpleNamespace(distributed_type=SimpleNamespace(name=kind), state=SimpleNamespace(fsdp_plugin=plugin))
 
 
