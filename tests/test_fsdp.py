@@ -120,11 +120,15 @@ def test_sharded_run_with_a_gradient_init_resumes_after_sigkill_and_exports_like
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", [["method=rotational_pissa", "method.way=way1", "method.merge_every=3"],
-                                    ["method=geolora"], ["method=gplora", "++model.dtype=bfloat16"]],
-                         ids=["rotational_pissa_way1", "geolora", "gplora_bf16_base"])
+                                    ["method=geolora"], ["method=gplora", "++model.dtype=bfloat16"],
+                                    ["+align=teacher", "align.teacher=embedded:tiny-llama", "align.target=hidden",
+                                     "align.divergence=mse", "align.map=lstsq", "align.period=4",
+                                     "align.realign_steps=2", "+init=gradient"]],
+                         ids=["rotational_pissa_way1", "geolora", "gplora_bf16_base", "teacher_alignment"])
 def test_methods_that_rewrite_whole_matrices_run_sharded_like_ddp(tmp_path, method):
     """Way1 folds its rotations into the frozen U, V every 3 steps; GeoLoRA changes ranks and optimizer state;
-    GP-LoRA projects factors and moments in its optimizer wrapper (here over a bf16 base: fp32 adapters beside it)."""
+    GP-LoRA projects factors and moments in its optimizer wrapper (here over a bf16 base: fp32 adapters beside it);
+    the teacher-alignment cycle adds a hidden-state term to some steps after a teacher-aware gradient init."""
     over = [*SMALL, *method, "train.max_steps=9"]
     ddp = run_cli(tmp_path / "ddp", over, nproc=2)
     finish(ddp)
