@@ -3,9 +3,8 @@ targets, r 8) over 2 processes, once replicated by DDP (accelerate, as the train
 sharded by peftlab.fsdp.shard_frozen_base (adapters whole, gradients all-reduced as the trainer does).
 
 Per process: step_s (median over steps; the arms alternate over repeats), the parameter bytes it holds after
-wrapping (base shards + adapters), and its resident memory (RSS, /proc) after wrapping and after the steps, against
-DDP's. The workers fix glibc's mmap threshold (MALLOC_MMAP_THRESHOLD_): with the default, dynamic one, freed
-parameter buffers stay in the heap and RSS shows what was ever allocated rather than what is live.
+wrapping (base shards + adapters), and its resident memory after wrapping and after the steps (bench.common.held_mb:
+RSS once freed heap is given back to the OS), against DDP's.
 On CPU (gloo) the all-gathers are memory copies, so step_s says what sharding costs in bookkeeping, not on a
 network; on a GPU the same script measures CUDA memory too. Run: python -m bench.bench_fsdp [--quick]
 """
@@ -23,18 +22,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def worker(arm: str, out: Path, hidden: int, layers: int, steps: int, batch: int, seq: int) -> None:
-    import gc
-
     import torch
     from omegaconf import OmegaConf
 
-    from bench.common import llama, timed
+    from bench.common import held_mb, llama, timed
     from peftlab.adapters import apply_adapters
     from peftlab.fsdp import average_gradients, shard_frozen_base
     from peftlab.train import make_accelerator, token_loss_sum
@@ -49,9 +41,8 @@ def worker(arm: str, out: Path, hidden: int, layers: int, steps: int, batch: int
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     wrapped = shard_frozen_base(model, "full_shard", acc.device) if arm == "fsdp" else acc.prepare(model)
-    gc.collect()
     held = sum(p.numel() * p.element_size() for p in wrapped.parameters())
-    rss_wrapped = rss_bytes()
+    rss_wrapped = held_mb()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     g = torch.Generator().manual_seed(rank)
@@ -67,9 +58,8 @@ def worker(arm: str, out: Path, hidden: int, layers: int, steps: int, batch: int
 
     step()  # warm-up
     times = [timed(step) for _ in range(steps)]
-    gc.collect()
-    res = {"step_s": statistics.median(times), "param_bytes_per_process": held, "rss_after_wrap_bytes": rss_wrapped,
-           "rss_after_steps_bytes": rss_bytes(),
+    res = {"step_s": statistics.median(times), "param_bytes_per_process": held, "rss_after_wrap_mb": rss_wrapped,
+           "rss_after_steps_mb": held_mb(),
            "cuda_peak_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
     if rank == 0:
         out.write_text(json.dumps(res))
@@ -78,7 +68,7 @@ def worker(arm: str, out: Path, hidden: int, layers: int, steps: int, batch: int
 
 
 def launch(arm: str, out: Path, args: list[str], threads: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_MODE": "disabled", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_MODE": "disabled"}
     if not __import__("torch").cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "1"
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
@@ -119,8 +109,8 @@ def main():
         "batch_per_process": batch, "seq": seq, "steps": steps, "repeats": len(runs["ddp"]), "median": med,
         "fsdp_vs_ddp_step_time": f["step_s"] / d["step_s"],
         "fsdp_vs_ddp_param_bytes": f["param_bytes_per_process"] / d["param_bytes_per_process"],
-        "fsdp_vs_ddp_rss_after_wrap": f["rss_after_wrap_bytes"] / d["rss_after_wrap_bytes"],
-        "fsdp_vs_ddp_rss_after_steps": f["rss_after_steps_bytes"] / d["rss_after_steps_bytes"],
+        "fsdp_vs_ddp_rss_after_wrap": f["rss_after_wrap_mb"] / d["rss_after_wrap_mb"],
+        "fsdp_vs_ddp_rss_after_steps": f["rss_after_steps_mb"] / d["rss_after_steps_mb"],
     })
 
 

@@ -7,7 +7,6 @@ Llama-shaped random model: hidden 512, 4 layers, fp32, CPU, every projection ada
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import os
@@ -18,7 +17,7 @@ import sys
 import torch
 from omegaconf import OmegaConf
 
-from bench.common import interleaved_times, llama, write
+from bench.common import held_mb, interleaved_times, llama, status_mb, write
 from peftlab.adapters import adapter_layers, apply_adapters, get_method
 
 WAY_CONFIGS = {  # name -> (method, method options)
@@ -79,19 +78,6 @@ def tensor_bytes(model) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"param_buffer_bytes": total, "adapted_base_bytes": base, "adapter_bytes": adapter,
             "trainable_params": trainable}
-
-
-def status_mb(key: str) -> float:
-    """VmRSS (now) or VmHWM (peak) of this process image; ru_maxrss would carry the parent's peak across exec."""
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith(key + ":")) / 1024
-
-
-def held_mb() -> float:
-    """RSS after giving freed heap back to the OS (else glibc keeps the fp weights the NF4 build freed)."""
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    return status_mb("VmRSS")
 
 
 def memory_one(name: str, r: int, hidden: int, layers: int, seq: int, batch: int, steps: int) -> dict:

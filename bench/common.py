@@ -2,6 +2,8 @@
 JSON results in bench/results/."""
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -57,6 +59,20 @@ def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int = 5, wa
         for n in names[k:] + names[:k]:
             times[n].append(timed(fns[n]))
     return times
+
+
+def status_mb(key: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process image; ru_maxrss would carry the parent's peak across exec."""
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith(key + ":")) / 1024
+
+
+def held_mb() -> float:
+    """RSS after giving freed heap back to the OS (else glibc keeps freed buffers, e.g. weights
+    replaced by NF4 or by FSDP's shards, and RSS shows what was ever allocated rather than what is live)."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return status_mb("VmRSS")
 
 
 def llama_config(hidden: int = 512, layers: int = 4, vocab: int = 2048, intermediate: int | None = None,
