@@ -47,7 +47,8 @@ def decoder_layer_classes(model: nn.Module) -> set[type]:
 
 def adapter_owned_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Every parameter an adapter layer holds outside its base module, trained or not: the state that method hooks
-    read and rewrite, so it stays whole. (Adapter buffers such as Rotational PiSSA's U, V are never sharded.)"""
+    read and rewrite, so it stays whole. (FSDP never shards buffers: Rotational PiSSA's U, V and its NF4 residual
+    stay whole too.)"""
     from .adapters import adapter_layers
 
     layers = adapter_layers(model).values()
@@ -61,8 +62,6 @@ def shard_frozen_base(model: nn.Module, strategy: str, device: torch.device) -> 
     from torch.distributed.fsdp import ShardingStrategy
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
-    if any(type(p).__name__ == "Params4bit" for p in model.parameters()):
-        raise ValueError("train.fsdp cannot shard a 4-bit (NF4) base; train the quantised model with DDP")
     adapters = adapter_owned_parameters(model)
     owned = {id(p) for p in adapters}
     stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in owned]

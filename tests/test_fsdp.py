@@ -80,6 +80,13 @@ def close(a, b, **tol):
         torch.testing.assert_close(tb[k], ta[k], **tol)
 
 
+def same_merged(a, b):
+    ta, tb = (load_file(str(d / "merged/model.safetensors")) for d in (a, b))
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        torch.testing.assert_close(tb[k], ta[k], rtol=0, atol=1e-6)
+
+
 def eval_losses(run_dir):
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["eval/loss"] for r in rows if "eval/loss" in r]
@@ -112,21 +119,21 @@ def test_sharded_run_with_a_gradient_init_resumes_after_sigkill_and_exports_like
     assert json.loads(state.read_text())["step"] < 40 and not (tmp_path / "fsdp/summary.json").exists()
     finish(run_cli(tmp_path / "fsdp", [*fsdp, "resume=true"], nproc=2))
     close(tmp_path / "ddp", tmp_path / "fsdp", rtol=0, atol=1e-6)
-    a, b = (load_file(str(tmp_path / d / "merged/model.safetensors")) for d in ("ddp", "fsdp"))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+    same_merged(tmp_path / "ddp", tmp_path / "fsdp")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", [["method=rotational_pissa", "method.way=way1", "method.merge_every=3"],
+                                    ["method=rotational_pissa", "method.quantize_residual=true", "model.saving=true"],
                                     ["method=geolora"], ["method=gplora", "++model.dtype=bfloat16"],
                                     ["+align=teacher", "align.teacher=embedded:tiny-llama", "align.target=hidden",
                                      "align.divergence=mse", "align.map=lstsq", "align.period=4",
                                      "align.realign_steps=2", "+init=gradient"]],
-                         ids=["rotational_pissa_way1", "geolora", "gplora_bf16_base", "teacher_alignment"])
+                         ids=["rotational_pissa_way1", "rotational_pissa_nf4", "geolora", "gplora_bf16_base",
+                              "teacher_alignment"])
 def test_methods_that_rewrite_whole_matrices_run_sharded_like_ddp(tmp_path, method):
-    """Way1 folds its rotations into the frozen U, V every 3 steps; GeoLoRA changes ranks and optimizer state;
+    """Way1 folds its rotations into the frozen U, V every 3 steps; an NF4 residual (buffers, left whole by FSDP) is
+    rebuilt for the merged export; GeoLoRA changes ranks and optimizer state;
     GP-LoRA projects factors and moments in its optimizer wrapper (here over a bf16 base: fp32 adapters beside it);
     the teacher-alignment cycle adds a hidden-state term to some steps after a teacher-aware gradient init."""
     over = [*SMALL, *method, "train.max_steps=9"]
@@ -134,6 +141,8 @@ def test_methods_that_rewrite_whole_matrices_run_sharded_like_ddp(tmp_path, meth
     finish(ddp)
     finish(run_cli(tmp_path / "fsdp", [*over, "train.fsdp=full_shard"], nproc=2))
     close(tmp_path / "ddp", tmp_path / "fsdp", rtol=0, atol=1e-6)
+    if "model.saving=true" in method:
+        same_merged(tmp_path / "ddp", tmp_path / "fsdp")
 
 
 @pytest.fixture
