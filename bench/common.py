@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from peftlab.utils import atomic_write_text
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -94,10 +96,7 @@ def llama(hidden: int = 512, layers: int = 4, vocab: int = 2048, dtype=torch.flo
 
 
 def write(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
     print(json.dumps(payload, indent=2))
     return path

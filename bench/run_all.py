@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 from bench.common import RESULTS, machine
+from peftlab.utils import atomic_write_text
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -185,15 +186,14 @@ def main():
                 runs.append({"module": name, "status": "skipped: the run's time budget is spent", "seconds": 0})
                 continue
             runs.append(run_module(name, a.quick, min(limit, left)))
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "run_all.json").write_text(json.dumps({"machine": machine(), "quick": a.quick, "runs": runs},
-                                                         indent=2) + "\n")
+        atomic_write_text(RESULTS / "run_all.json",
+                          json.dumps({"machine": machine(), "quick": a.quick, "runs": runs}, indent=2) + "\n")
     elif (RESULTS / "run_all.json").exists():  # the last run's module table
         last = json.loads((RESULTS / "run_all.json").read_text())
         runs, a.quick = last["runs"], last["quick"]
         started = 0.0
     text = summary(runs, a.quick, started)
-    (RESULTS / "summary.md").write_text(text + "\n")
+    atomic_write_text(RESULTS / "summary.md", text + "\n")
     print(f"bench: wrote {RESULTS / 'summary.md'} ({time.time() - t0:.0f} s)")
 
 

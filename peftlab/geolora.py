@@ -18,6 +18,7 @@ from torch import nn
 
 from .adapters import apply_adapters
 from .adapters.geolora import DEFAULTS, GeoLoRALinear, geolora_options, make_geolora_optimizer, rank_metrics
+from .utils import atomic_write_text, save_figure
 
 
 @dataclass
@@ -142,8 +143,7 @@ class GeoLoRATrainer:
                 h["val_loss"].append(vl)
                 h["val_accuracy"].append(va)
         if self.output_dir is not None:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "history.json").write_text(json.dumps(h) + "\n")
+            atomic_write_text(self.output_dir / "history.json", json.dumps(h) + "\n")
             plot_rank_evolution(h, self.output_dir / "rank_evolution.png")
         return h
 
@@ -196,8 +196,7 @@ def plot_rank_evolution(source: dict | str | Path, path: str | Path) -> Path:
     ax_total.set(xlabel="step", ylabel="total rank", title="total rank")
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
 

@@ -23,7 +23,6 @@ Writes lab.md (tables: mean +- std over seeds), regression.csv, language.csv and
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from torch import nn
 
 from .adapters import METHODS, adapter_layers, apply_adapters, get_method
 from .config import CONF_DIR, load_group
+from .utils import atomic_write_text, save_figure, write_csv
 
 GRADIENT_DIRECTIONS = ("LoRA-GA", "LoRA-One", "LoRA-FA")
 
@@ -412,14 +412,6 @@ def claims(reg: list[dict], lm: list[dict], steps: int, r_star: int = 4) -> list
     return out
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    keys = [k for k in rows[0] if k != "curve"]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-
-
 def plot_regression(path: Path, rows: list[dict], target: float) -> None:
     import matplotlib
 
@@ -443,7 +435,7 @@ def plot_regression(path: Path, rows: list[dict], target: float) -> None:
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("loss / L(W0), mean over seeds")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -462,7 +454,7 @@ def plot_language(path: Path, rows: list[dict]) -> None:
         ax.set_xticks(range(len(labels)), labels, rotation=60, fontsize=7, ha="right")
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -520,7 +512,7 @@ def run_lab(a) -> dict:
                 if rows and rows[-1]["method"] == v.label and rows[-1]["init"] == init:
                     print(f"lab: regression {v.label} x {init}: "
                           f"{regression_table(rows[-seeds:], steps, a.target)[-1]}", flush=True)
-        write_csv(out / "regression.csv", rows)
+        write_csv(out / "regression.csv", rows, [k for k in rows[0] if k != "curve"])
         plot_regression(out / "regression.png", rows, a.target)
         md += ["## Low-rank regression", "",
                f"d_in = d_out = 64, planted rank r* = 4 (singular values 1 .. 0.5), n = 2048 inputs with covariance "
@@ -547,7 +539,7 @@ def run_lab(a) -> dict:
                                                      f"{str(e)[:300]}"), []).append(init)
                         break
         if rows:
-            write_csv(out / "language.csv", rows)
+            write_csv(out / "language.csv", rows, [k for k in rows[0] if k != "curve"])
             plot_language(out / "language.png", rows)
         md += ["## Embedded language task", "",
                f"The embedded tiny Llama on the embedded GSM8K-style data, peft qv r 8, the default run config, "
@@ -561,7 +553,7 @@ def run_lab(a) -> dict:
     if skipped:
         md += ["## Not run", ""] + [f"- {m} x {', '.join(inits_)}: {reason}" for (m, reason), inits_ in skipped.items()]
         md.append("")
-    (out / "lab.md").write_text("\n".join(md) + "\n")
+    atomic_write_text(out / "lab.md", "\n".join(md) + "\n")
     print("\n".join(md))
     return result
 

@@ -12,12 +12,13 @@ Runs without summary.json (unfinished or failed) are listed with what their metr
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .utils import atomic_write_text, save_figure, write_csv
 
 IGNORED_KEYS = ("seed", "resume", "run_dir", "method", "init")  # method/init have their own columns
 IGNORED_PREFIXES = ("hydra.", "wandb.")
@@ -183,13 +184,6 @@ def build_tables(runs: list[Run]) -> tuple[list[str], list[dict], list[dict]]:
     return keys, run_rows, group_rows
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
-
-
 def markdown(keys: list[str], run_rows: list[dict], group_rows: list[dict], plots: list[str]) -> str:
     shown = [n for n in NUMBERS if any(g[f"{n}_mean"] is not None for g in group_rows)]
     head = ["method", "init", *keys, "n", *shown]
@@ -267,7 +261,7 @@ def make_plots(runs: list[Run], keys: list[str], outdir: Path) -> list[str]:
             ax.grid(alpha=0.3)
         axes[1].legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(outdir / "loss_curves.png", dpi=120)
+        save_figure(fig, outdir / "loss_curves.png", dpi=120)
         made.append("loss_curves.png")
     plt.close(fig)
 
@@ -283,7 +277,7 @@ def make_plots(runs: list[Run], keys: list[str], outdir: Path) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(outdir / "geolora_ranks.png", dpi=120)
+        save_figure(fig, outdir / "geolora_ranks.png", dpi=120)
         made.append("geolora_ranks.png")
         plt.close(fig)
     return made
@@ -298,7 +292,7 @@ def report(paths: list[Path], outdir: Path, plots: bool = True) -> dict:
     write_csv(outdir / "groups.csv", group_rows)
     made = make_plots(runs, keys, outdir) if plots else []
     md = markdown(keys, run_rows, group_rows, made)
-    (outdir / "report.md").write_text(md)
+    atomic_write_text(outdir / "report.md", md)
     return {"keys": keys, "runs": run_rows, "groups": group_rows, "plots": made, "markdown": md}
 
 

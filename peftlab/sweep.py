@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from pathlib import Path
 
 from .config import CONF_DIR
+from .utils import atomic_write_text
 
 # Set per array task by slurm/array.sbatch; a sweep line that also set them would fight it.
 RESERVED = ("hydra.run.dir", "resume")
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.output:
         sys.stdout.write(text)
         return
-    Path(args.output).write_text(text)
+    atomic_write_text(args.output, text)
     print(f"{len(jobs)} runs -> {args.output}; submit with:\n"
           f"  sbatch --array=0-{len(jobs) - 1} slurm/array.sbatch {args.output}", file=sys.stderr)
 

@@ -1,6 +1,7 @@
 """Small shared helpers: atomic writes, stable hashing."""
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -11,15 +12,17 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file so that a reader (or a killed run) sees either the old content or the new, never half."""
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path to write (same extension, unique per process); on success it is synced and
+    replaces ``path``, on error it is removed. A reader (or a killed run) sees the old content or the new, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -28,8 +31,27 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def save_figure(fig, path: str | Path, **savefig_kwargs) -> None:
+    """A matplotlib figure written atomically."""
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, **savefig_kwargs)
+
+
+def write_csv(path: str | Path, rows: list[dict], fields: list[str] | None = None) -> None:
+    """Rows as CSV with a header (``fields``, default the first row's keys; other keys are left out), atomically."""
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields or list(rows[0]), extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
 
 
 @contextmanager

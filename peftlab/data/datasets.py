@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..utils import stable_hash
+from ..utils import atomic_file, stable_hash
 
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 TOKENIZE_VERSION = 1
@@ -110,10 +110,8 @@ def tokenized_split(ds_cfg: Any, split: str, tokenizer, max_length: int, n: int 
         ex = tokenize(*format_row(row, ds_cfg, i, source), tokenizer, max_length)
         if ex is not None:
             examples.append(ex)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp{os.getpid()}")
-    torch.save([(e.input_ids, e.labels) for e in examples], tmp)
-    os.replace(tmp, cache)
+    with atomic_file(cache) as tmp:  # unique per process: every rank may build the same cache
+        torch.save([(e.input_ids, e.labels) for e in examples], tmp)
     return examples
 
 

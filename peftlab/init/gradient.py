@@ -28,7 +28,7 @@ from ..adapters import AdapterLayer
 from ..adapters.base import Conv1D, set_module
 from ..adapters.lora import LoRALinear
 from ..data.datasets import Example, collate
-from ..utils import stable_hash
+from ..utils import atomic_file, stable_hash
 from . import InitContext, InitSpec, lora_factor_layers, register_init
 from .directions import (DIRECTIONS, GA_DIRECTIONS, SCALES, inverse_sqrt_metric, lora_fa, lora_ga, lora_one,
                          rank_by_energy, whitened_spectrum)
@@ -252,11 +252,9 @@ def gradient_statistics(ctx: InitContext, with_sigma: bool) -> tuple[dict, dict,
                                               autocast_dtype=DTYPES[ic.dtype],
                                               loss_sum=aligner.objective_sum if aligner is not None else None)
     if path is not None and (acc is None or acc.is_main_process):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save({"key": key, "grads": {k: v.cpu() for k, v in grads.items()},
-                    "sigmas": {k: v.cpu() for k, v in sigmas.items()}, "tokens": tokens}, tmp)
-        tmp.replace(path)
+        with atomic_file(path) as tmp:
+            torch.save({"key": key, "grads": {k: v.cpu() for k, v in grads.items()},
+                        "sigmas": {k: v.cpu() for k, v in sigmas.items()}, "tokens": tokens}, tmp)
     return grads, sigmas, tokens, False
 
 
