@@ -23,11 +23,14 @@ Cycle: with period P > 0 and realign_steps R, optimizer steps s (0-based) with s
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from .schema import ConfigError, option
 
 NAMES = ("none", "teacher")
 DIVERGENCES = ("kl", "mse", "cosine")
@@ -37,6 +40,41 @@ TEACHER_DEVICES = ("same", "cpu")
 
 
 # ---- config ----------------------------------------------------------------------------------------------------------
+@dataclass
+class NoAlign:
+    name: str = "none"
+
+
+@dataclass
+class TeacherAlign:
+    """conf/align/teacher.yaml documents each option."""
+    name: str = "teacher"
+    teacher: str | None = None
+    teacher_dtype: str = "same"
+    teacher_device: str = option("same", choices=TEACHER_DEVICES)
+    divergence: str = option("kl", choices=DIVERGENCES)
+    temperature: float = option(1.0, gt=0)
+    target: str = option("logits", choices=TARGETS)
+    layers: list[int] = field(default_factory=lambda: [-1])
+    teacher_layers: list[int] | None = None
+    map: str = option("identity", choices=MAPS)
+    map_samples: int = option(64, ge=1)
+    beta: float = option(1.0, ge=0)
+    period: int = option(0, ge=0)
+    realign_steps: int = option(0, ge=0)
+
+    def check(self, prefix: str) -> None:
+        from omegaconf import OmegaConf
+
+        try:  # the rules between keys (one place, also used by build_aligner)
+            validate_align_cfg(OmegaConf.create(asdict(self)))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+ALIGNS = {"none": NoAlign, "teacher": TeacherAlign}
+
+
 def validate_align_cfg(a: Any) -> None:
     """Checks that need no model; raises ValueError naming what is allowed."""
     from .models import DTYPES

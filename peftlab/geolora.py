@@ -18,7 +18,8 @@ from torch import nn
 
 from .adapters import apply_adapters
 from .adapters.geolora import DEFAULTS, GeoLoRALinear, geolora_options, make_geolora_optimizer, rank_metrics
-from .utils import atomic_write_text, save_figure
+from .plots import plot_rank_evolution
+from .utils import atomic_write_text
 
 
 @dataclass
@@ -144,7 +145,7 @@ class GeoLoRATrainer:
                 h["val_accuracy"].append(va)
         if self.output_dir is not None:
             atomic_write_text(self.output_dir / "history.json", json.dumps(h) + "\n")
-            plot_rank_evolution(h, self.output_dir / "rank_evolution.png")
+            plot_rank_evolution(h, self.output_dir / "rank_evolution.png")  # skipped with a note without matplotlib
         return h
 
     @torch.no_grad()
@@ -169,36 +170,6 @@ def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     out = model(x)
     out = out.logits if hasattr(out, "logits") else out
     return F.cross_entropy(out, y) if not torch.is_floating_point(y) else F.mse_loss(out, y)
-
-
-def plot_rank_evolution(source: dict | str | Path, path: str | Path) -> Path:
-    """PNG of every layer's rank (and the total) against the step, from a trainer history or a run's metrics.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if isinstance(source, dict):
-        steps, ranks, total = source["step"], source["ranks"], source["total_rank"]
-    else:
-        rows = [json.loads(l) for l in Path(source).read_text().splitlines() if l.strip()]
-        rows = [r for r in rows if "geolora/total_rank" in r]
-        steps, total = [r["step"] for r in rows], [r["geolora/total_rank"] for r in rows]
-        names = [k[len("geolora/rank/"):] for k in (rows[0] if rows else {}) if k.startswith("geolora/rank/")]
-        ranks = {n: [r[f"geolora/rank/{n}"] for r in rows] for n in names}
-    fig, (ax, ax_total) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, values in ranks.items():
-        ax.plot(steps, values, lw=1, label=name if len(ranks) <= 12 else None)
-    ax.set(xlabel="step", ylabel="rank", title="rank per layer")
-    if 0 < len(ranks) <= 12:
-        ax.legend(fontsize=6)
-    ax_total.plot(steps, total, color="k")
-    ax_total.set(xlabel="step", ylabel="total rank", title="total rank")
-    fig.tight_layout()
-    path = Path(path)
-    save_figure(fig, path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 __all__ = ["GeoLoRAConfig", "GeoLoRAModel", "GeoLoRATrainer", "plot_rank_evolution"]

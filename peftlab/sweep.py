@@ -48,18 +48,33 @@ def expand(overrides: list[str], check: bool = True) -> list[list[str]]:
 
 
 def _check_compose(jobs: list[list[str]]) -> None:
-    """Compose every job's config now (as Hydra validates a batch before launching) so a typo fails here, not on
-    the cluster."""
-    from hydra import compose, initialize_config_dir
+    """Compose and validate every job's config now (the run's own checks, peftlab.config.resolve_config) so a typo or
+    an invalid value fails here, not on the cluster."""
+    ok, bad = check_jobs(jobs)
+    if bad:
+        i, msg = bad[0]
+        raise ValueError(f"{len(bad)} of {len(jobs)} job(s) are invalid; job {i} ({' '.join(jobs[i])}): {msg}")
+
+
+def check_jobs(jobs: list[list[str]]) -> tuple[int, list[tuple[int, str]]]:
+    """(number of valid jobs, [(job index, error)]) after composing and resolving each job's config."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        for i, job in enumerate(jobs):
-            try:
-                compose("config", overrides=job)
-            except (HydraException, OmegaConfBaseException) as e:
-                raise ValueError(f"job {i} ({' '.join(job)}) does not compose: {e}") from None
+    from .config import compose_config, resolve_config
+
+    bad = []
+    for i, job in enumerate(jobs):
+        try:
+            resolve_config(compose_config(job, run_dir="sweep-check"))  # the run folder is set per task
+        except (HydraException, OmegaConfBaseException, ValueError) as e:
+            bad.append((i, str(e).strip().splitlines()[0]))
+    return len(jobs) - len(bad), bad
+
+
+def check_lines(lines: list[str]) -> tuple[int, list[tuple[int, str]]]:
+    """check_jobs for the lines of a sweep file (shell words, as the array script reads them)."""
+    return check_jobs([shlex.split(line) for line in lines if line.strip()])
 
 
 def to_line(job: list[str]) -> str:
@@ -68,10 +83,23 @@ def to_line(job: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m peftlab.sweep", description=__doc__.split("\n\n")[0])
-    ap.add_argument("overrides", nargs="+", help="Hydra overrides, sweeps included: seed=1,2,3 'init.iters=8,16'")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides, sweeps included: seed=1,2,3 'init.iters=8,16'")
     ap.add_argument("-o", "--output", help="sweep file to write (default: print the lines)")
-    ap.add_argument("--no-check", action="store_true", help="skip composing each job's config")
+    ap.add_argument("--no-check", action="store_true", help="skip validating each job's config")
+    ap.add_argument("--check", metavar="SWEEP_FILE", help="validate every line of a sweep file (as each run would, "
+                    "before loading anything) and exit non-zero naming the bad lines")
     args = ap.parse_args(argv)
+    if args.check:
+        from pathlib import Path
+
+        lines = [l for l in Path(args.check).read_text().splitlines() if l.strip()]
+        ok, bad = check_lines(lines)
+        for i, msg in bad:
+            print(f"{args.check} line {i + 1}: {msg}", file=sys.stderr)
+        print(f"{ok} of {len(lines)} lines valid", file=sys.stderr)
+        sys.exit(1 if bad else 0)
+    if not args.overrides:
+        ap.error("give the sweep's overrides, or --check SWEEP_FILE")
     try:
         jobs = expand(args.overrides, check=not args.no_check)
     except ValueError as e:

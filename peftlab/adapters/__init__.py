@@ -6,11 +6,11 @@ from typing import Any
 from torch import nn
 
 from ..registry import Registry
-from .base import (AdapterLayer, MethodSpec, adapter_layers, find_targets, resolve_target_patterns, set_module,
+from .base import (AdapterLayer, MethodOptions, MethodSpec, adapter_layers, find_targets, resolve_target_patterns, set_module,
                    unwrap)
 from .lora import LORA, LoRALinear, lora_scaling
 
-METHODS: Registry = Registry("method", __name__, ("gplora", "geolora", "rotational_pissa"))
+METHODS: Registry = Registry("method", __name__)
 register_method = METHODS.register
 get_method = METHODS.lookup
 register_method(LORA)
@@ -20,6 +20,7 @@ def apply_adapters(model: nn.Module, peft_cfg: Any, method_cfg: Any = None, meth
                    model_type: str | None = None) -> dict[str, AdapterLayer]:
     """The one generic entry: replace every target module with the method's layer; freeze everything else."""
     spec = get_method(method)
+    method_cfg = spec.parse(method_cfg)
     patterns = resolve_target_patterns(peft_cfg.get("target_set"), peft_cfg.get("lora_target_modules"),
                                        model_type or getattr(getattr(model, "config", None), "model_type", None))
     names = find_targets(model, patterns)

@@ -12,7 +12,7 @@ loss term. The trainer only ever calls those hooks.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
@@ -233,12 +233,35 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 # ---- methods --------------------------------------------------------------------------------------------------------
 @dataclass
+class MethodOptions:
+    """A method's options (``method.*``): subclass with typed fields (``peftlab.schema.option``) and a ``name``
+    default equal to the method's name; conf/method/<name>.yaml holds the same defaults, with comments."""
+
+    name: str = "lora"
+
+
+@dataclass
 class MethodSpec:
-    """A method: how to make its layer, and optional optimizer-side behaviour. Subclass and register."""
+    """A method: how to make its layer, and optional optimizer-side behaviour. Subclass and register.
+
+    ``make_layer(base, peft_cfg, options)`` and every hook receive the method's checked options (``options``, a
+    ``MethodOptions`` dataclass). ``lora_factors``: its layers hold (lora_A, lora_B), so the LoRA-factor inits
+    (gaussian, pissa, gradient) apply. ``output_preserved_at_init``: with init=default the adapted model starts equal
+    to the base (checked by tests/test_method_contract.py)."""
 
     name: str
     make_layer: Callable[..., AdapterLayer]
-    defaults: dict[str, Any] = field(default_factory=dict)
+    options: type = MethodOptions
+    lora_factors: bool = True
+    output_preserved_at_init: bool = True
+
+    def parse(self, given: Any = None):
+        """The checked options from a mapping (a config group, a dict, None: the defaults), or as given."""
+        if isinstance(given, self.options):
+            return given
+        from ..schema import build
+
+        return build(self.options, {"name": self.name, **dict(given or {})}, "method", self.name)
 
     def make_optimizer(self, model: nn.Module, params: Iterable[nn.Parameter], train_cfg: Any, method_cfg: Any):
         """None lets the trainer build its default AdamW."""

@@ -24,46 +24,70 @@ dominate near convergence, a convex combination always). A reset would restart t
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..schema import build, defaults_of, fail, option
 from . import register_method
-from .base import AdapterLayer, MethodSpec, adapter_layers
+from .base import AdapterLayer, MethodOptions, MethodSpec, adapter_layers
 from .lora import lora_scaling
 
 STRATEGIES = ("local_threshold", "fixed_rank", "global_budget")
 SMALL_OPTIMIZERS = ("adam", "adam_entrywise", "sgd")
-DEFAULTS = dict(name="geolora", rank_init=None, rmax=None, rmin=1, tau=1e-3, alpha=1e-4,
-                truncation_strategy="local_threshold", budget=None, epsilon_resid=1e-6,
-                use_small_matrix_optimizer="adam", orthogonal_regularization=0.0, lr=None, weight_decay=0.0)
+
+
+@dataclass
+class GeoLoRAOptions(MethodOptions):
+    """conf/method/geolora.yaml documents each option."""
+    name: str = "geolora"
+    rank_init: int | None = option(None, ge=1)   # null: peft.lora_r
+    rmax: int | None = option(None, ge=1)        # null: 4 * rank_init
+    rmin: int = option(1, ge=1)
+    tau: float = option(1e-3, ge=0)
+    alpha: float = option(1e-4, ge=0)
+    truncation_strategy: str = option("local_threshold", choices=STRATEGIES)
+    budget: int | None = option(None, ge=1)
+    epsilon_resid: float = option(1e-6, ge=0)
+    use_small_matrix_optimizer: str = option("adam", choices=SMALL_OPTIMIZERS)
+    orthogonal_regularization: float = option(0.0, ge=0)
+    lr: float | None = option(None, gt=0)        # null: the trainer's learning rate
+    weight_decay: float = option(0.0, ge=0)
+
+    def check(self, prefix: str) -> None:
+        if self.truncation_strategy == "global_budget" and self.budget is None:
+            fail(f"{prefix}.budget", None, "truncation_strategy=global_budget needs the total rank over all layers, "
+                 "an integer >= 1")
+        if self.rank_init is not None:
+            self.check_ranks(prefix, self.rank_init)
+
+    def check_ranks(self, prefix: str, rank_init: int) -> None:
+        if self.rmin > rank_init:
+            fail(f"{prefix}.rmin", self.rmin, f"must be <= the initial rank {rank_init}")
+        if self.rmax is not None and self.rmax < rank_init:
+            fail(f"{prefix}.rmax", self.rmax, f"must be >= the initial rank {rank_init}")
+
+    def check_run(self, run) -> None:
+        if self.rank_init is None:
+            self.check_ranks("method", run.peft.lora_r)
+
+
+DEFAULTS = defaults_of(GeoLoRAOptions)
 
 
 def geolora_options(method_cfg: Any) -> dict:
-    """The method config as a checked dict with every key (None: all defaults)."""
+    """The method options as a checked dict with every key (None: all defaults)."""
+    if isinstance(method_cfg, GeoLoRAOptions):
+        return asdict(method_cfg)
     from omegaconf import DictConfig, OmegaConf
 
     given = {}
     if method_cfg is not None:
         given = OmegaConf.to_container(method_cfg, resolve=True) if isinstance(method_cfg, DictConfig) \
             else dict(method_cfg)
-    unknown = sorted(set(given) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown geolora option(s) {unknown}; allowed: {sorted(DEFAULTS)}")
-    o = {**DEFAULTS, **given}
-    if o["truncation_strategy"] not in STRATEGIES:
-        raise ValueError(f"unknown geolora truncation_strategy {o['truncation_strategy']!r}; "
-                         f"allowed: {list(STRATEGIES)}")
-    if o["use_small_matrix_optimizer"] not in SMALL_OPTIMIZERS:
-        raise ValueError(f"unknown geolora use_small_matrix_optimizer {o['use_small_matrix_optimizer']!r}; "
-                         f"allowed: {list(SMALL_OPTIMIZERS)}")
-    if o["truncation_strategy"] == "global_budget" and (o["budget"] is None or int(o["budget"]) < 1):
-        raise ValueError("geolora truncation_strategy=global_budget needs budget (total rank over all layers) >= 1")
-    if int(o["rmin"]) < 1 or float(o["tau"]) < 0 or float(o["epsilon_resid"]) < 0 or float(o["alpha"]) < 0:
-        raise ValueError(f"geolora needs rmin >= 1, tau >= 0, epsilon_resid >= 0, alpha >= 0; got rmin={o['rmin']}, "
-                         f"tau={o['tau']}, epsilon_resid={o['epsilon_resid']}, alpha={o['alpha']}")
-    return o
+    return asdict(build(GeoLoRAOptions, given, "method", "geolora"))
 
 
 class _GeoLoRAProduct(torch.autograd.Function):
@@ -341,8 +365,7 @@ def make_geolora_layer(base: nn.Module, peft_cfg, method_cfg=None) -> GeoLoRALin
     / rank_init (rsLoRA: / sqrt(rank_init)), fixed while the rank changes; rmax defaults to 4 rank_init."""
     o = geolora_options(method_cfg)
     r = int(o["rank_init"] or peft_cfg.lora_r)
-    if int(o["rmin"]) > r:
-        raise ValueError(f"geolora rmin ({o['rmin']}) exceeds rank_init ({r})")
+    GeoLoRAOptions(**o).check_ranks("method", r)
     return GeoLoRALinear(base, r, int(o["rmax"] or 4 * r),
                          lora_scaling(r, float(peft_cfg.lora_alpha), bool(peft_cfg.get("use_rslora", False))),
                          init_scale=float(o["alpha"]), dropout=float(peft_cfg.get("lora_dropout", 0.0) or 0.0),
@@ -399,11 +422,12 @@ class GeoLoRA(MethodSpec):
         """The rank-evolution plot from the run's metrics.jsonl (called by the trainer when it supports the hook)."""
         from pathlib import Path
 
-        from ..geolora import plot_rank_evolution
+        from ..plots import plot_rank_evolution
 
         metrics = Path(run_dir) / "metrics.jsonl"
         if metrics.exists():
             plot_rank_evolution(metrics, Path(run_dir) / "rank_evolution.png")
 
 
-GEOLORA = register_method(GeoLoRA(name="geolora", make_layer=make_geolora_layer, defaults=dict(DEFAULTS)))
+GEOLORA = register_method(GeoLoRA(name="geolora", make_layer=make_geolora_layer, options=GeoLoRAOptions,
+                                   lora_factors=False))

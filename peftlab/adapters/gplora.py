@@ -2,37 +2,40 @@
 optimizer steps (the math, the guard at B = 0 and the optimizer moments: peftlab.optim.gauge)."""
 from __future__ import annotations
 
-from .base import MethodSpec
-from .lora import make_lora_layer
+from dataclasses import dataclass
+
+from ..optim.gauge import MOMENTS
+from ..schema import fail, option
 from . import register_method
-
-# conf/method/gplora.yaml holds the defaults; these are for a method_cfg that leaves a key out (or None)
-DEFAULTS = {"mu": "auto", "eps": 1e-4, "eig_floor": 1e-12, "every": 1, "warmup_steps": 0, "guard": 0.01,
-            "moments": "reset"}
+from .base import MethodOptions, MethodSpec
+from .lora import make_lora_layer
 
 
-def options(method_cfg) -> dict:
-    from ..optim.gauge import check_options
+@dataclass
+class GPLoRAOptions(MethodOptions):
+    """conf/method/gplora.yaml documents each option."""
+    name: str = "gplora"
+    mu: float | str = "auto"
+    eps: float = option(1e-4, ge=0)
+    eig_floor: float = option(1e-12, ge=0, lt=1)
+    every: int = option(1, ge=1)
+    warmup_steps: int = option(0, ge=0)
+    guard: float = option(0.01, ge=0, le=1)
+    moments: str = option("reset", choices=MOMENTS)
 
-    opts = {k: (method_cfg.get(k, v) if method_cfg is not None else v) for k, v in DEFAULTS.items()}
-    check_options(**opts)
-    return opts
-
-
-def make_gplora_layer(base, peft_cfg, method_cfg=None):
-    options(method_cfg)  # bad options fail when the model is built, not at the first projection
-    return make_lora_layer(base, peft_cfg, method_cfg)
+    def check(self, prefix: str) -> None:
+        if self.mu != "auto" and (isinstance(self.mu, str) or self.mu <= 0):
+            fail(f"{prefix}.mu", self.mu, "must be 'auto' (r / m) or a number > 0")
 
 
 class GPLoRA(MethodSpec):
-    def after_step(self, model, optimizer, step: int, method_cfg) -> dict[str, float]:
+    def after_step(self, model, optimizer, step: int, o: GPLoRAOptions) -> dict[str, float]:
         from ..optim.gauge import gauge_project_model
 
-        o = options(method_cfg)
-        if step <= int(o["warmup_steps"]) or step % int(o["every"]):
+        if step <= o.warmup_steps or step % o.every:
             return {}
-        return gauge_project_model(model, mu=o["mu"], eps=float(o["eps"]), eig_floor=float(o["eig_floor"]),
-                                   guard=float(o["guard"]), optimizer=optimizer, moments=o["moments"])
+        return gauge_project_model(model, mu=o.mu, eps=o.eps, eig_floor=o.eig_floor, guard=o.guard,
+                                   optimizer=optimizer, moments=o.moments)
 
 
-register_method(GPLoRA(name="gplora", make_layer=make_gplora_layer))
+register_method(GPLoRA(name="gplora", make_layer=make_lora_layer, options=GPLoRAOptions))

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from .base import AdapterLayer, MethodSpec
+from .base import AdapterLayer, MethodOptions, MethodSpec
 
 
 def lora_scaling(rank: int, alpha: float, use_rslora: bool) -> float:
@@ -60,9 +60,9 @@ class LoRALinear(AdapterLayer):
         return super().extra_repr() + f", r={self.rank}, alpha={self.alpha}, rslora={self.use_rslora}"
 
 
-def make_lora_layer(base: nn.Module, peft_cfg, method_cfg=None) -> LoRALinear:
+def make_lora_layer(base: nn.Module, peft_cfg, options=None) -> LoRALinear:
     return LoRALinear(base, peft_cfg.lora_r, peft_cfg.lora_alpha, peft_cfg.get("lora_dropout", 0.0),
                       peft_cfg.get("use_rslora", False))
 
 
-LORA = MethodSpec(name="lora", make_layer=make_lora_layer)
+LORA = MethodSpec(name="lora", make_layer=make_lora_layer, options=MethodOptions)

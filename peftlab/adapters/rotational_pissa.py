@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from . import register_method
-from .base import AdapterLayer, Conv1D, MethodSpec, adapter_layers, base_weight_out_in, find_targets, set_module
+from ..schema import option
+from .base import AdapterLayer, Conv1D, MethodOptions, MethodSpec, adapter_layers, base_weight_out_in, find_targets, set_module
 from ..init.svd import top_r_svd
 
 WAYS = ("way0", "way1", "way2", "way3")
@@ -388,46 +389,58 @@ class RotationalPiSSALinear(AdapterLayer):
 
 
 # ---- the method -----------------------------------------------------------------------------------------------------
-CONFIG_KEYS = tuple(f.name for f in fields(RotationalPiSSAConfig) if f.name not in ("r", "dropout"))
+@dataclass
+class RotationalPiSSAOptions(MethodOptions):
+    """conf/method/rotational_pissa.yaml documents each option; r is peft.lora_r, dropout peft.lora_dropout."""
+    name: str = "rotational_pissa"
+    way: str = option("way2", choices=WAYS)
+    low_rank_r: int = option(2, ge=1)
+    givens_layers: int = option(2, ge=1)
+    merge_every: int = option(50, ge=1)
+    orthogonality_reg_weight: float = option(1e-2, ge=0)
+    init_identity: bool = True
+    freeze_singular_values: bool = True
+    extra_principal_dims: int = option(0, ge=0)
+    quantize_residual: bool = False
+    quantize_base_components: bool = False
+    svd_niter: int | None = option(None, ge=0)
 
 
-def config_from(method_cfg, r: int, dropout: float = 0.0) -> RotationalPiSSAConfig:
-    """The method's Hydra config (name + options) as a RotationalPiSSAConfig; r comes from peft.lora_r."""
-    given = dict(method_cfg or {})
-    unknown = sorted(set(given) - set(CONFIG_KEYS) - {"name"})
-    if unknown:
-        raise ValueError(f"unknown rotational_pissa option(s) {unknown}; allowed: {list(CONFIG_KEYS)} "
-                         f"(r is peft.lora_r, dropout is peft.lora_dropout)")
-    return RotationalPiSSAConfig(r=r, dropout=dropout, **{k: given[k] for k in CONFIG_KEYS if k in given})
+CONFIG_KEYS = tuple(f.name for f in fields(RotationalPiSSAOptions) if f.name != "name")
+
+
+def config_from(options: RotationalPiSSAOptions | None, r: int, dropout: float = 0.0) -> RotationalPiSSAConfig:
+    """The method options as the seed's RotationalPiSSAConfig; r comes from peft.lora_r."""
+    options = options or RotationalPiSSAOptions()
+    return RotationalPiSSAConfig(r=r, dropout=dropout, **{k: getattr(options, k) for k in CONFIG_KEYS})
 
 
 class RotationalPiSSA(MethodSpec):
-    def extra_loss(self, model, method_cfg):
+    def extra_loss(self, model, o: RotationalPiSSAOptions):
         """way0's orthogonality penalty, summed over layers."""
-        w = float(method_cfg.get("orthogonality_reg_weight", 0.0))
-        if method_cfg.get("way") != "way0" or not w:
+        if o.way != "way0" or not o.orthogonality_reg_weight:
             return None
-        return w * sum(l.orthogonality_penalty() for l in adapter_layers(model).values())
+        return o.orthogonality_reg_weight * sum(l.orthogonality_penalty() for l in adapter_layers(model).values())
 
     @torch.no_grad()
-    def after_step(self, model, optimizer, step, method_cfg):
-        way = method_cfg.get("way")
-        if way == "way1" and step % int(method_cfg.get("merge_every", 50)) == 0:
+    def after_step(self, model, optimizer, step, o: RotationalPiSSAOptions):
+        if o.way == "way1" and step % o.merge_every == 0:
             for l in adapter_layers(model).values():
                 l.merge_rotations_(optimizer)
             return {"rot/merged": 1.0}
-        if way == "way0":  # how far the free R are from orthogonal, the worst layer
+        if o.way == "way0":  # how far the free R are from orthogonal, the worst layer
             return {"rot/orth_err": max(float(l.orthogonality_penalty()) for l in adapter_layers(model).values())
                     ** 0.5}
         return {}
 
 
-def make_layer(base, peft_cfg, method_cfg):
-    return RotationalPiSSALinear(base, config_from(method_cfg, int(peft_cfg.lora_r),
+def make_layer(base, peft_cfg, options):
+    return RotationalPiSSALinear(base, config_from(options, int(peft_cfg.lora_r),
                                                    float(peft_cfg.get("lora_dropout", 0.0) or 0.0)))
 
 
-ROTATIONAL_PISSA = register_method(RotationalPiSSA(name="rotational_pissa", make_layer=make_layer))
+ROTATIONAL_PISSA = register_method(RotationalPiSSA(name="rotational_pissa", make_layer=make_layer,
+                                                   options=RotationalPiSSAOptions, lora_factors=False))
 
 
 def replace_linear_with_rotational_pissa(model: nn.Module, pissa_config: RotationalPiSSAConfig, target_modules,

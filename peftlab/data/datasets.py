@@ -3,6 +3,7 @@ with the loss on the answer tokens only; a cache keyed by everything that change
 from __future__ import annotations
 
 import os
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import torch
 from ..utils import atomic_file, stable_hash
 
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-TOKENIZE_VERSION = 1
+TOKENIZE_VERSION = 2
 
 
 @dataclass
@@ -46,29 +47,91 @@ def _source(ds_cfg: Any, split: str) -> tuple[str, Path | None]:
     return f"{path}:{ds_cfg.get('subset')}:{split}", None
 
 
-def load_rows(ds_cfg: Any, split: str) -> tuple[list[dict], str]:
-    """Raw rows of one split and a description of where they came from."""
-    import datasets
+class DataError(ValueError):
+    """Data that cannot train: names the file (or hub dataset), the line or row, and what was expected."""
 
+
+def load_rows(ds_cfg: Any, split: str) -> tuple[list[dict], str]:
+    """Raw rows of one split and a description of where they came from (local files: "<file> line N" per row)."""
     desc, local = _source(ds_cfg, split)
     if local is not None:
-        ds = datasets.load_dataset(LOCAL_SUFFIXES[local.suffix.lower()], data_files=str(local), split="train")
+        return read_local_rows(local), desc
+    import datasets
+
+    ds = datasets.load_dataset(str(ds_cfg.path), ds_cfg.get("subset"), split=split)
+    rows = [dict(r) for r in ds]
+    if not rows:
+        raise DataError(f"{desc}: the split has no rows")
+    return rows, desc
+
+
+def read_local_rows(path: Path) -> list[dict]:
+    """Rows of a local .jsonl / .json (a JSON array, or JSON lines) / .parquet file; each row remembers its line
+    (``_line``) so later errors can name it. Unreadable content names the file and the line."""
+    if path.suffix.lower() == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:
+            raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
+        rows = [dict(r, _line=f"row {i}") for i, r in enumerate(rows)]
     else:
-        ds = datasets.load_dataset(str(ds_cfg.path), ds_cfg.get("subset"), split=split)
-    return [dict(r) for r in ds], desc
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = data[:e.start].count(b"\n") + 1
+            raise DataError(f"{path} line {line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})"
+                            ) from None
+        rows = _json_array(path, text) if text.lstrip().startswith("[") else _json_lines(path, text)
+    if not rows:
+        raise DataError(f"{path}: the file has no rows (expected JSON objects, one per line or in an array)")
+    return rows
+
+
+def _json_array(path: Path, text: str) -> list[dict]:
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise DataError(f"{path}: item {i} of the array is {type(item).__name__}, expected a JSON object")
+    return [dict(item, _line=f"item {i}") for i, item in enumerate(items)]
+
+
+def _json_lines(path: Path, text: str) -> list[dict]:
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {n}: not valid JSON ({e.msg}); expected one JSON object per line") from None
+        if not isinstance(item, dict):
+            raise DataError(f"{path} line {n}: a JSON {type(item).__name__}, expected a JSON object")
+        rows.append(dict(item, _line=f"line {n}"))
+    return rows
 
 
 def format_row(row: dict, ds_cfg: Any, index: int, source: str) -> tuple[str, str]:
-    """(prompt, response) of one row; a missing field fails naming the row and the expected fields."""
+    """(prompt, response) of one row; a missing or non-text field fails naming the row and the expected fields."""
     q_field, r_field, in_field = ds_cfg.query_field, ds_cfg.response_field, ds_cfg.get("input_field")
+    where = f"{source} {row.get('_line', f'row {index}')}"
     for f in (q_field, r_field):
         if f not in row or row[f] is None:
-            raise ValueError(f"{source}: row {index} has no field {f!r}; expected fields {q_field!r} and "
-                             f"{r_field!r} (dataset '{ds_cfg.name}'), found {sorted(k for k, v in row.items() if v is not None)}")
-    query = str(row[q_field])
+            raise DataError(f"{where}: no field {f!r}; expected fields {q_field!r} and {r_field!r} (dataset "
+                            f"'{ds_cfg.name}'), found {sorted(k for k, v in row.items() if v is not None and k != '_line')}")
+        if not isinstance(row[f], str):
+            raise DataError(f"{where}: field {f!r} is {type(row[f]).__name__} ({str(row[f])[:40]!r}), expected text")
+    query = row[q_field]
     if in_field and row.get(in_field):
+        if not isinstance(row[in_field], str):
+            raise DataError(f"{where}: field {in_field!r} is {type(row[in_field]).__name__}, expected text")
         query = f"{query}\n{row[in_field]}"
-    return ds_cfg.prompt.format(query=query), str(row[r_field])
+    return ds_cfg.prompt.format(query=query), row[r_field]
 
 
 def tokenize(prompt: str, response: str, tokenizer, max_length: int) -> Example | None:

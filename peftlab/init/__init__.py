@@ -10,6 +10,7 @@ from torch import nn
 
 from ..adapters import AdapterLayer
 from ..registry import Registry
+from ..schema import fail
 
 
 @dataclass
@@ -28,13 +29,38 @@ class InitContext:
 
 
 @dataclass
+class InitOptions:
+    """An init's options (``init.*``): subclass with typed fields (``peftlab.schema.option``); conf/init/<name>.yaml
+    holds the same defaults, with comments."""
+
+    name: str = "default"
+
+
+@dataclass
+class LoRAFactorInitOptions(InitOptions):
+    """An init that sets (lora_A, lora_B): it applies to methods whose layers hold them."""
+
+    def check_run(self, run) -> None:
+        from ..adapters import get_method
+
+        if not get_method(run.method.name).lora_factors:
+            fail("init.name", self.name, f"sets LoRA factors (lora_A, lora_B), which method {run.method.name!r} "
+                 f"does not have; use init=default with it", "+init=default")
+
+
+@dataclass
+class GaussianOptions(LoRAFactorInitOptions):
+    name: str = "gaussian"
+
+
+@dataclass
 class InitSpec:
     name: str
     run: Callable[[InitContext], dict]
-    validate: Callable[[Any], None] = lambda init_cfg: None
+    options: type = InitOptions
 
 
-INITS: Registry = Registry("init", __name__, ("pissa", "gradient"))
+INITS: Registry = Registry("init", __name__)
 register_init = INITS.register
 get_init = INITS.lookup
 
@@ -63,4 +89,4 @@ def _gaussian(ctx: InitContext) -> dict:
 
 
 register_init(InitSpec("default", _default))
-register_init(InitSpec("gaussian", _gaussian))
+register_init(InitSpec("gaussian", _gaussian, GaussianOptions))

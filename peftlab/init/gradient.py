@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,7 +30,8 @@ from ..adapters.base import Conv1D, set_module
 from ..adapters.lora import LoRALinear
 from ..data.datasets import Example, collate
 from ..utils import atomic_file, stable_hash
-from . import InitContext, InitSpec, lora_factor_layers, register_init
+from ..schema import fail, option
+from . import InitContext, InitSpec, LoRAFactorInitOptions, lora_factor_layers, register_init
 from .directions import (DIRECTIONS, GA_DIRECTIONS, SCALES, inverse_sqrt_metric, lora_fa, lora_ga, lora_one,
                          rank_by_energy, whitened_spectrum)
 
@@ -175,36 +177,35 @@ def _sum_over_processes(t: torch.Tensor, accelerator, device) -> torch.Tensor:
 
 
 # ---- the init -------------------------------------------------------------------------------------------------------
-def validate(init_cfg: Any) -> None:
-    if init_cfg.get("mode") not in MODES:
-        raise ValueError(f"unknown init.mode {init_cfg.get('mode')!r}; allowed: {list(MODES)} (the seed's mode=svd "
-                         f"is +init=pissa here)")
-    checks = {"direction": DIRECTIONS, "scale": SCALES, "dtype": tuple(DTYPES), "ga_direction": GA_DIRECTIONS,
-              "ga_convention": ("paper", "peft"), "metric": ("on", "off")}
-    for key, allowed in checks.items():
-        value = init_cfg.get(key)
-        value = {True: "on", False: "off"}.get(value, value) if key == "metric" else value  # YAML reads on as True
-        if value not in allowed:
-            raise ValueError(f"unknown init.{key} {init_cfg.get(key)!r}; allowed: {list(allowed)}")
-    for key in ("bsz", "iters"):
-        if not isinstance(init_cfg.get(key), int) or init_cfg[key] < 1:
-            raise ValueError(f"init.{key} must be an integer >= 1, got {init_cfg.get(key)!r}")
-    if init_cfg.get("max_length") is not None and int(init_cfg.max_length) < 2:
-        raise ValueError(f"init.max_length must be null or >= 2, got {init_cfg.max_length}")
-    if float(init_cfg.stable_gamma) <= 0:
-        raise ValueError(f"init.stable_gamma must be > 0, got {init_cfg.stable_gamma}")
-    if float(init_cfg.damping) < 0:
-        raise ValueError(f"init.damping must be >= 0, got {init_cfg.damping}")
-    if init_cfg.get("rank") not in (None, "auto"):
-        raise ValueError(f"unknown init.rank {init_cfg.rank!r}; allowed: [null (peft.lora_r), 'auto']")
-    if init_cfg.get("rank") == "auto" and init_cfg.direction != "LoRA-FA":
-        raise ValueError("init.rank=auto chooses ranks from LoRA-FA's whitened spectrum; use init.direction=LoRA-FA")
-    if not 0 < float(init_cfg.energy) <= 1:
-        raise ValueError(f"init.energy must be in (0, 1], got {init_cfg.energy}")
+@dataclass
+class GradientOptions(LoRAFactorInitOptions):
+    """conf/init/gradient.yaml documents each option (LoRA-One's key names)."""
+    name: str = "gradient"
+    mode: str = option("gradient", choices=MODES)
+    direction: str = option("LoRA-One", choices=DIRECTIONS)
+    scale: str = option("stable", choices=SCALES)
+    stable_gamma: float = option(16.0, gt=0)
+    bsz: int = option(1, ge=1)
+    iters: int = option(8, ge=1)
+    max_length: int | None = option(None, ge=2)
+    dtype: str = option("float32", choices=tuple(DTYPES))
+    offload: bool = False
+    cache: bool | str | None = None
+    ga_direction: str = option("ArB2r", choices=GA_DIRECTIONS)
+    ga_convention: str = option("paper", choices=("paper", "peft"))
+    metric: str = option("on", choices=("on", "off"))
+    damping: float = option(1e-3, ge=0)
+    rank: str | None = option(None, choices=("auto",))
+    energy: float = option(0.9, gt=0, le=1)
+
+    def check(self, prefix: str) -> None:
+        if self.rank == "auto" and self.direction != "LoRA-FA":
+            fail(f"{prefix}.rank", self.rank, "auto chooses ranks from LoRA-FA's whitened spectrum: it needs "
+                 "init.direction=LoRA-FA", "++init.direction=LoRA-FA")
 
 
 def _metric_on(init_cfg: Any) -> bool:
-    return init_cfg.get("metric") in ("on", True)
+    return init_cfg.get("metric") == "on"
 
 
 def _cache_key(ctx: InitContext, samples: list[Example], with_sigma: bool, aligner: Any) -> str:
@@ -311,4 +312,4 @@ def _with_rank(ctx: InitContext, name: str, layer: LoRALinear, r: int) -> LoRALi
     return new
 
 
-register_init(InitSpec("gradient", run, validate))
+register_init(InitSpec("gradient", run, GradientOptions))

@@ -3,12 +3,13 @@ unchanged), exactly PEFT's ``init_lora_weights="pissa"`` convention; ``niter`` p
 from __future__ import annotations
 
 import time
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
 from ..adapters.base import base_weight_out_in
-from . import InitContext, InitSpec, lora_factor_layers, register_init
+from ..schema import option
+from . import InitContext, InitSpec, LoRAFactorInitOptions, lora_factor_layers, register_init
 from .svd import top_r_svd
 
 
@@ -32,10 +33,10 @@ def run(ctx: InitContext) -> dict:
     return {"init/svd_s": round(time.perf_counter() - t0, 3)}
 
 
-def validate(init_cfg: Any) -> None:
-    n = init_cfg.get("niter")
-    if n is not None and (not isinstance(n, int) or n < 0):
-        raise ValueError(f"init.niter must be null (full SVD) or an integer >= 0, got {n!r}")
+@dataclass
+class PiSSAOptions(LoRAFactorInitOptions):
+    name: str = "pissa"
+    niter: int | None = option(None, ge=0)   # null: full SVD; int: randomized SVD with that many power iterations
 
 
-register_init(InitSpec("pissa", run, validate))
+register_init(InitSpec("pissa", run, PiSSAOptions))
