@@ -57,14 +57,3 @@ def embedded_data_dir():
     from peftlab.data.embedded import ensure_dataset
 
     return ensure_dataset()
-
-
-@pytest.fixture(scope="session")
-def compose_cfg():
-    """compose_cfg(overrides, run_dir=...): the run config Hydra composes from conf/ for these overrides."""
-    from peftlab.config import compose_config
-
-    def make(overrides=(), run_dir="/tmp/unused"):
-        return compose_config(overrides, run_dir)
-
-    return make

@@ -5,8 +5,13 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from peftlab.config import CONF_DIR, group_options, resolve_config
+from peftlab.config import CONF_DIR, compose_config, group_options, resolve_config
 from peftlab.schema import ConfigError
+
+def compose_cfg(overrides=(), run_dir="/tmp/unused"):
+    """The config run_exp.py would get for these overrides (other test modules import it)."""
+    return compose_config(overrides, run_dir)
+
 
 SEED_OVERRIDES = ["++dataset_name=meta_math", "++model.epochs=1", "++model.eval_epochs=1", "+init=gradient",
                   "++init.direction=LoRA-FA", "++init.weight=stable", "++init.stable_gamma=128", "+peft=qv",
@@ -14,7 +19,7 @@ SEED_OVERRIDES = ["++dataset_name=meta_math", "++model.epochs=1", "++model.eval_
                   "++wandb.project=lorafa", "++init.iters=8"]
 
 
-def test_default_composes_with_fallback_groups(compose_cfg):
+def test_default_composes_with_fallback_groups():
     cfg = resolve_config(compose_cfg())
     assert cfg.model.name == "embedded:tiny-llama" and cfg.method.name == "lora"
     assert cfg.init.name == "default" and cfg.peft.target_set == "qv" and cfg.dataset.name == "tiny"
@@ -22,7 +27,7 @@ def test_default_composes_with_fallback_groups(compose_cfg):
 
 
 @pytest.mark.parametrize("group", ["model", "dataset", "peft", "init", "method", "align"])
-def test_every_option_of_every_group_composes(compose_cfg, group):
+def test_every_option_of_every_group_composes(group):
     for option in group_options(group):
         if group == "dataset":
             overrides = [f"dataset_name={option}"]
@@ -67,19 +72,19 @@ def test_yaml_defaults_equal_the_schema_defaults():
         same(CONF_DIR / "peft" / f"{name}.yaml", PeftConfig, keys_only=True)
 
 
-def test_seed_command_composes_and_weight_is_scale(compose_cfg):
+def test_seed_command_composes_and_weight_is_scale():
     cfg = resolve_config(compose_cfg(SEED_OVERRIDES))
     assert cfg.dataset.name == "meta_math" and cfg.dataset.query_field == "query"
     assert cfg.init.scale == "stable" and "weight" not in cfg.init and cfg.init.iters == 8
     assert cfg.peft.lora_r == 8 and cfg.peft.use_rslora is True
 
 
-def test_dataset_field_overrides_apply_on_top_of_the_selected_file(compose_cfg):
+def test_dataset_field_overrides_apply_on_top_of_the_selected_file():
     cfg = resolve_config(compose_cfg(["dataset_name=gsm8k", "++dataset.path=/data/gsm8k.jsonl"]))
     assert cfg.dataset.path == "/data/gsm8k.jsonl" and cfg.dataset.query_field == "question"
 
 
-def test_target_list_is_a_plain_list_so_every_pattern_is_checked(compose_cfg):
+def test_target_list_is_a_plain_list_so_every_pattern_is_checked():
     cfg = resolve_config(compose_cfg(["+peft=qv", "++peft.lora_target_modules=[q_proj,typo]"]))
     assert isinstance(OmegaConf.to_container(cfg.peft)["lora_target_modules"], list)
 
@@ -184,7 +189,7 @@ def no_loading(monkeypatch):
 
 
 @pytest.mark.parametrize("overrides, message", BAD, ids=[" ".join(o) for o, _ in BAD])
-def test_bad_config_fails_before_anything_loads(compose_cfg, no_loading, tmp_path, overrides, message):
+def test_bad_config_fails_before_anything_loads(no_loading, tmp_path, overrides, message):
     from peftlab.train import setup
 
     with pytest.raises(ConfigError) as e:
@@ -192,7 +197,7 @@ def test_bad_config_fails_before_anything_loads(compose_cfg, no_loading, tmp_pat
     assert message in str(e.value), str(e.value)
 
 
-def test_hydra_refuses_a_group_option_that_does_not_exist(compose_cfg):
+def test_hydra_refuses_a_group_option_that_does_not_exist():
     with pytest.raises(Exception, match="nope"):
         compose_cfg(["method=nope"])
 
@@ -226,7 +231,7 @@ BAD_DATA = [
 
 
 @pytest.mark.parametrize("name, content, message", BAD_DATA, ids=[b[0] for b in BAD_DATA])
-def test_bad_data_fails_naming_file_and_line_before_the_model_loads(compose_cfg, monkeypatch, tmp_path,
+def test_bad_data_fails_naming_file_and_line_before_the_model_loads(monkeypatch, tmp_path,
                                                                     embedded_model_dir, name, content, message):
     import peftlab.train as T
     from peftlab.data.datasets import DataError
@@ -242,7 +247,7 @@ def test_bad_data_fails_naming_file_and_line_before_the_model_loads(compose_cfg,
     assert message in str(e.value), str(e.value)
 
 
-def test_missing_data_file_is_named(compose_cfg, monkeypatch, tmp_path, embedded_model_dir):
+def test_missing_data_file_is_named(monkeypatch, tmp_path, embedded_model_dir):
     import peftlab.train as T
 
     monkeypatch.setattr(T, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model was loaded"))
@@ -252,7 +257,7 @@ def test_missing_data_file_is_named(compose_cfg, monkeypatch, tmp_path, embedded
         T.setup(cfg)
 
 
-def test_a_target_that_matches_nothing_fails_before_the_weights_load(compose_cfg, monkeypatch, tmp_path,
+def test_a_target_that_matches_nothing_fails_before_the_weights_load(monkeypatch, tmp_path,
                                                                       embedded_model_dir):
     import peftlab.train as T
 
