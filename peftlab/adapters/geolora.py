@@ -430,4 +430,4 @@ class GeoLoRA(MethodSpec):
 
 
 GEOLORA = register_method(GeoLoRA(name="geolora", make_layer=make_geolora_layer, options=GeoLoRAOptions,
-                                   lora_factors=False))
+                                   lora_factors=False, output_preserved_at_init=False))  # S = alpha I: ~ the base
