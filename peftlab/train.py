@@ -26,6 +26,7 @@ from .adapters import adapter_layers, apply_adapters, get_method, unwrap
 from .config import resolve_config
 from .data.datasets import Example, collate, train_eval_examples
 from .export import save_merged, save_peft_adapter
+from .serving import summary_notes as serving_summary
 from .fsdp import average_gradients, shard_frozen_base, sharding_strategy
 from .init import InitContext, get_init
 from .models import load_model_and_tokenizer
@@ -482,6 +483,7 @@ def _train(cfg: DictConfig) -> dict:
     if main:
         save_peft_adapter(model, run_dir / "adapter", base_model_name_or_path=model_path,
                           extra={"method": cfg.method.name, "init": cfg.init.name})
+        summary.update(serving_summary(run_dir / "adapter"))  # adapter_r, and vllm_note when vLLM's defaults refuse it
         tokenizer.save_pretrained(run_dir / "adapter")
         spec.on_train_end(unwrap(model), run_dir, cfg.method)
         if m.saving and fsdp:  # the live base is sharded: merge a whole copy instead
