@@ -130,7 +130,7 @@ def vllm_problems(cfg: dict, shapes: dict, max_lora_rank: int = VLLM_DEFAULT_MAX
 
 def check(folder: str | Path, max_lora_rank: int = VLLM_DEFAULT_MAX_LORA_RANK) -> dict[str, list[str]]:
     """What each tool would do with the adapter folder: {"vllm": [...], "peft": [...], "transformers": [...]}, each a
-    list of lines, and "ok": whether all three load it and compute the same change."""
+    list of lines, and "ok": whether vLLM and PEFT load it and compute the same change."""
     cfg, shapes = read_adapter(folder)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{folder}: peft_type {cfg.get('peft_type')!r}; this check knows LoRA adapters only")
@@ -146,7 +146,8 @@ def check(folder: str | Path, max_lora_rank: int = VLLM_DEFAULT_MAX_LORA_RANK) -
                              f"every module, as PEFT; zero-padded to rank {cfg['r']} where a layer's rank is lower"],
         "transformers": _transformers_view(peft_bad),
     }
-    report["ok"] = not (peft_bad or vllm_bad or any(l.startswith("refuses") for l in report["transformers"]))
+    # the adapter's verdict; a transformers/peft version mismatch is this environment's, shown but not counted
+    report["ok"] = not (peft_bad or vllm_bad)
     return report
 
 
@@ -170,7 +171,7 @@ def format_report(folder: str | Path, report: dict) -> str:
     lines = [f"{folder}:"]
     for tool in ("vllm", "peft", "transformers"):
         lines += [f"  {tool}: {l}" for l in report[tool]]
-    lines.append("  => " + ("serves as trained everywhere" if report["ok"] else "NOT safe everywhere (see above)"))
+    lines.append("  => " + ("vLLM and PEFT apply the same change" if report["ok"] else "NOT safe (see above)"))
     return "\n".join(lines)
 
 
