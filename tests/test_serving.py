@@ -191,3 +191,14 @@ def test_pissa_2r_export_gets_a_summary_note(tiny_llama_dir, tmp_path):
     assert check(tmp_path / "ad", max_lora_rank=32)["ok"]
     view, problems = peft_view(*read_adapter(tmp_path / "ad"))
     assert problems == [] and {r for r, _ in view.values()} == {32}
+
+
+@pytest.mark.slow
+def test_a_run_whose_adapter_exceeds_vllm_s_default_rank_says_so_in_its_summary(tmp_path):
+    from test_train import run_inproc
+
+    s = run_inproc(tmp_path / "big", ["train.max_steps=2", "+init=pissa", "++peft.lora_r=16"])
+    assert s["adapter_r"] == 32 and "serve with --max-lora-rank 32" in s["vllm_note"]
+    assert json.loads((tmp_path / "big/summary.json").read_text())["vllm_note"] == s["vllm_note"]
+    s = run_inproc(tmp_path / "small", ["train.max_steps=2"])
+    assert s["adapter_r"] == 8 and "vllm_note" not in s
