@@ -142,8 +142,10 @@ def check(folder: str | Path, max_lora_rank: int = VLLM_DEFAULT_MAX_LORA_RANK) -
         "peft": peft_bad or [f"loads {len(peft)} modules, ranks {sorted(set(ranks.values()))} (config r = {cfg['r']}), "
                              f"scaling {scalings}"],
         "vllm": vllm_bad or [f"loads with --max-lora-rank {max_lora_rank}: one scaling "
-                             f"{scaling(float(cfg['lora_alpha']), int(cfg['r']), bool(cfg.get('use_rslora')))} on "
-                             f"every module, as PEFT; zero-padded to rank {cfg['r']} where a layer's rank is lower"],
+                             f"{scaling(float(cfg['lora_alpha']), int(cfg['r']), bool(cfg.get('use_rslora'))):g} on "
+                             f"every module, as PEFT"
+                             + (f"; pads layers below rank {cfg['r']} with zeros" if len(set(ranks.values())) > 1
+                                else "")],
         "transformers": _transformers_view(peft_bad),
     }
     # the adapter's verdict; a transformers/peft version mismatch is this environment's, shown but not counted
