@@ -33,13 +33,13 @@ PEFTLAB_NOTES = "peftlab.json"
 def lora_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """PEFT-named tensors at one rank r and one scaling, and the config fields that make PEFT (and vLLM) apply
     exactly each layer's change: r, lora_alpha, use_rslora, and the true per-layer ranks."""
-    exact = {name: layer.to_lora() for name, layer in adapter_layers(model).items()}
     layers = adapter_layers(model)
+    exact = {name: layer.to_lora() for name, layer in layers.items()}
     r = max(A.shape[0] for A, _ in exact.values())
     # rsLoRA or not and the common scaling only decide how B is stored: pick the most common so that a plain LoRA
     # run stores its own B unchanged
     use_rslora = Counter(bool(getattr(l, "use_rslora", False)) for l in layers.values()).most_common(1)[0][0]
-    scaling = Counter(float(getattr(l, "scaling", 1.0)) for l in layers.values()).most_common(1)[0][0]
+    scaling = Counter(float(getattr(l, "scaling", 1.0)) for l in layers.values()).most_common(1)[0][0] or 1.0
     tensors, ranks = {}, {}
     for name, (A, B) in exact.items():
         k = A.shape[0]
