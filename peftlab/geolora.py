@@ -91,7 +91,7 @@ class GeoLoRAModel(nn.Module):
         return make_geolora_optimizer(self.base_model, c.learning_rate, c.method_cfg(), betas=c.betas, eps=c.eps)
 
     def save_adapter(self, folder: str | Path) -> Path:
-        """A PEFT LoRA adapter (per-layer ranks in rank_pattern) that PeftModel.from_pretrained loads."""
+        """A PEFT LoRA adapter (r = the largest layer rank, smaller layers zero-padded) that PEFT and vLLM load."""
         from .export import save_peft_adapter
 
         return save_peft_adapter(self.base_model, folder)

@@ -34,6 +34,7 @@ from .init import InitContext, get_init
 from .models import load_model_and_tokenizer, load_tokenizer, resolve_model_path
 from .optim.step import NonFiniteError, optimizer_step, params_of
 from .schema import ConfigError
+from .serving import summary_notes as serving_summary
 from .utils import atomic_dir, atomic_write_json, atomic_write_text, recover_dir
 
 CHECKPOINT = "checkpoint"
@@ -663,6 +664,7 @@ def finish(run: Run) -> dict:
     if run.main:
         save_peft_adapter(run.model, run.run_dir / "adapter", base_model_name_or_path=run.model_path,
                           extra={"method": cfg.method.name, "init": cfg.init.name})
+        summary.update(serving_summary(run.run_dir / "adapter"))  # adapter_r; vllm_note when vLLM's defaults refuse it
         run.tokenizer.save_pretrained(run.run_dir / "adapter")
         run.spec.on_train_end(unwrap(run.model), run.run_dir, run.options)
         if m.saving and run.fsdp:  # the live base is sharded: merge a whole copy instead

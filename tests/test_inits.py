@@ -253,8 +253,9 @@ def test_export_round_trips_through_peft(tmp_path, tiny_llama_dir, init):
         layer.lora_B.data += 0.01 * torch.randn_like(layer.lora_B)
     save_peft_adapter(ours, tmp_path / "ad", base_model_name_or_path=str(tiny_llama_dir))
     cfg = json.loads((tmp_path / "ad/adapter_config.json").read_text())
-    if init == "LoRA-FA-auto":
-        assert cfg["rank_pattern"]  # ranks chosen per layer
+    if init == "LoRA-FA-auto":  # ranks chosen per layer: exported at the largest, no patterns (vLLM ignores them)
+        ranks = json.loads((tmp_path / "ad/peftlab.json").read_text())["layer_ranks"]
+        assert len(set(ranks.values())) > 1 and cfg["r"] == max(ranks.values()) and not cfg["rank_pattern"]
     else:
         assert cfg["r"] == 8  # the init's move of the base is exported too: rank 2r
     peft_model = PeftModel.from_pretrained(load(tiny_llama_dir), tmp_path / "ad").eval()
@@ -370,9 +371,10 @@ def test_resumed_rank_auto_run_exports_the_same_adapter(tmp_path):
         train(cfg)
         config = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
         tensors = load_file(str(tmp_path / "adapter/adapter_model.safetensors"))
+        ranks = json.loads((tmp_path / "adapter/peftlab.json").read_text())["layer_ranks"]
         if not resume:
-            first_config, first = config, tensors
-    assert first_config["rank_pattern"] and config["rank_pattern"] == first_config["rank_pattern"]
-    assert config["alpha_pattern"] == first_config["alpha_pattern"]
+            first_config, first, first_ranks = config, tensors, ranks
+    assert config == first_config and not config["rank_pattern"] and not config["alpha_pattern"]
+    assert ranks == first_ranks and len(set(ranks.values())) > 1
     for k in first:
         torch.testing.assert_close(tensors[k], first[k])

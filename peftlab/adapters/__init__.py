@@ -6,8 +6,8 @@ from typing import Any
 from torch import nn
 
 from ..registry import Registry
-from .base import (AdapterLayer, MethodOptions, MethodSpec, adapter_layers, find_targets, resolve_target_patterns, set_module,
-                   unwrap)
+from .base import (AdapterLayer, MethodOptions, MethodSpec, adapter_layers, base_weight_out_in, find_targets,
+                   resolve_target_patterns, set_module, untie_target, unwrap)
 from .lora import LORA, LoRALinear, lora_scaling
 
 METHODS: Registry = Registry("method", __name__)
@@ -21,14 +21,24 @@ def apply_adapters(model: nn.Module, peft_cfg: Any, method_cfg: Any = None, meth
     """The one generic entry: replace every target module with the method's layer; freeze everything else."""
     spec = get_method(method)
     method_cfg = spec.parse(method_cfg)
-    patterns = resolve_target_patterns(peft_cfg.get("target_set"), peft_cfg.get("lora_target_modules"),
-                                       model_type or getattr(getattr(model, "config", None), "model_type", None))
-    names = find_targets(model, patterns)
+    model_type = model_type or getattr(getattr(model, "config", None), "model_type", None)
+    patterns = resolve_target_patterns(peft_cfg.get("target_set"), peft_cfg.get("lora_target_modules"), model_type)
+    explicit = peft_cfg.get("lora_target_modules") not in (None, [], "")
+    what = (f"peft.lora_target_modules={patterns!r}" if explicit
+            else f"peft.target_set={peft_cfg.get('target_set')} on {model_type or 'this model'}")
+    names = find_targets(model, patterns, what)
     for p in model.parameters():
         p.requires_grad_(False)
     layers = {}
     for name in names:
-        layer = spec.make_layer(model.get_submodule(name), peft_cfg, method_cfg)
+        untie_target(model, name)  # a tied head: its own weight, so neither an init nor a merge moves the embedding
+        base = model.get_submodule(name)
+        try:
+            layer = spec.make_layer(base, peft_cfg, method_cfg)
+        except (ValueError, TypeError) as e:  # name the layer and the selection (e.g. a 1 x 64 gate inside all)
+            out_f, in_f = base_weight_out_in(base).shape
+            raise ValueError(f"{method} cannot adapt layer {name} ({out_f} x {in_f}) selected by {what}: {e}. "
+                             f"Leave it out with peft.lora_target_modules (a list or regex)") from e
         set_module(model, name, layer)
         layers[name] = layer
     return layers

@@ -11,7 +11,6 @@ loss term. The trainer only ever calls those hooks.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -154,59 +153,9 @@ class AdapterLayer(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, merged={self.merged}"
 
 
-# ---- target selection ---------------------------------------------------------------------------------------------
-ADAPTABLE = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D, type) else ())
-EXCLUDED_FROM_ALL = ("lm_head", "embed_out", "output_layer", "score", "classifier")
-
-# Named target sets per architecture family; "all" is every Linear/Conv1D except the output head.
-TARGET_SETS: dict[str, dict[str, list[str]]] = {
-    "default": {
-        "qv": ["q_proj", "v_proj"],
-        "qkvo": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    },
-    # GPT-2 fuses q, k and v into c_attn, so qv and qkvo can only target it (plus attn.c_proj for o).
-    "gpt2": {"qv": ["c_attn"], "qkvo": ["c_attn", "attn.c_proj"]},
-}
-
-
-def resolve_target_patterns(target_set: str | None, patterns: Any, model_type: str | None) -> Any:
-    """Turn a named target set into module-name patterns; explicit patterns win."""
-    if patterns is not None and patterns != [] and patterns != "":
-        return patterns
-    if target_set is None:
-        raise ValueError("peft needs lora_target_modules or a target_set (qv, qkvo, all)")
-    if target_set == "all":
-        return "all"
-    table = TARGET_SETS.get(model_type or "default", TARGET_SETS["default"])
-    if target_set not in table:
-        raise ValueError(f"unknown target set {target_set!r}; allowed: {sorted(table) + ['all']}")
-    return table[target_set]
-
-
-def name_matches(name: str, patterns: Any) -> bool:
-    """PEFT's rule: a string is a regex matched against the full name; a list matches exact names or name suffixes."""
-    if patterns == "all":
-        return not any(name == e or name.endswith("." + e) for e in EXCLUDED_FROM_ALL)
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
-
-
-def find_targets(model: nn.Module, patterns: Any) -> list[str]:
-    """Names of the adaptable modules that the patterns select; a pattern that selects nothing is an error."""
-    candidates = [n for n, m in model.named_modules() if isinstance(m, ADAPTABLE)]
-    chosen = [n for n in candidates if name_matches(n, patterns)]
-    if isinstance(patterns, (list, tuple)):
-        missing = [p for p in patterns if not any(name_matches(n, [p]) for n in candidates)]
-    else:
-        missing = [] if chosen else [patterns]
-    if missing:
-        leaves = sorted({n.split(".")[-1] for n in candidates})
-        raise ValueError(
-            f"target pattern(s) {missing} match no Linear/Conv1D module; module names that could match: {leaves} "
-            f"(e.g. {candidates[:3]})"
-        )
-    return chosen
+# ---- target selection: peftlab/adapters/targets.py (re-exported here for existing imports) -------------------
+from .targets import (ADAPTABLE, EXCLUDED_FROM_ALL, TARGET_SETS, find_targets, name_matches,  # noqa: E402,F401
+                      resolve_target_patterns, untie_target)
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
