@@ -119,6 +119,9 @@ class GeoLoRATrainer:
             losses = []
             for batch in train_loader:
                 loss = self.loss_fn(self.model, batch)
+                if self.config.orthogonal_regularization:  # as the run_exp trainer (the method's extra_loss)
+                    loss = loss + self.config.orthogonal_regularization * sum(
+                        l.orthogonality_error() for l in self.model.geolora_layers.values())
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise FloatingPointError(f"loss is {value} at step {step + 1}; lower learning_rate")
