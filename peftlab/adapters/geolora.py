@@ -32,6 +32,7 @@ from torch import nn
 from . import register_method
 from .base import AdapterLayer, MethodSpec, adapter_layers
 from .lora import lora_scaling
+from ..init.svd import orthonormalize  # QR with U's signs kept (also used by rotational PiSSA)
 
 STRATEGIES = ("local_threshold", "fixed_rank", "global_budget")
 SMALL_OPTIMIZERS = ("adam", "adam_entrywise", "sgd")
@@ -204,12 +205,6 @@ def augment_basis(U: torch.Tensor, G: torch.Tensor, eps: float) -> torch.Tensor:
         return U
     Q = orthonormalize(Q - U @ (U.T @ Q))
     return torch.cat([U, Q], 1)
-
-
-def orthonormalize(U: torch.Tensor) -> torch.Tensor:
-    """QR with U's signs kept, so that rounding errors never accumulate in the bases from step to step."""
-    Q, T = torch.linalg.qr(U)
-    return Q * torch.where(torch.diagonal(T) < 0, -1.0, 1.0)
 
 
 def local_threshold_rank(sigma: torch.Tensor, tau: float) -> int:
