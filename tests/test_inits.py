@@ -24,7 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def svd(M):
-    return torch.linalg.svd(M.double(), full_matrices=False)
+    """float64 SVD with the inits' canonical signs (largest-|.| entry of each left singular vector positive)."""
+    U, S, Vh = torch.linalg.svd(M.double(), full_matrices=False)
+    sign = torch.sign(U.gather(0, U.abs().argmax(0, keepdim=True)))
+    return U * sign, S, Vh * sign.T
 
 
 def peft_delta(peft_model, name):
@@ -156,6 +159,23 @@ def decaying_llama_dir(tmp_path_factory, tiny_llama_dir):
     return path
 
 
+def test_pissa_refuses_a_rank_above_a_layer_s_smaller_dimension_naming_it():
+    """A 1 x 64 layer has one singular triplet; r = 4 used to broadcast it into every row (residual -7 W)."""
+    from torch import nn
+
+    from peftlab.init.pissa import pissa_factors
+
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 1))
+    w = [m.weight.detach().clone() for m in model]
+    layers = apply_adapters(model, OmegaConf.create({"lora_target_modules": ["0", "1"], "lora_r": 4,
+                                                     "lora_alpha": 8}))
+    with pytest.raises(ValueError, match=r"PiSSA needs lora_r <= min\(out, in\); 1 is \(1, 32\), r=4"):
+        get_init("pissa").run(InitContext(model, layers, OmegaConf.create({"init": {"name": "pissa"}})))
+    assert all(torch.equal(l.base.weight, w0) for l, w0 in zip(layers.values(), w))  # refused before any change
+    with pytest.raises(ValueError, match="lora_r <= min"):
+        pissa_factors(torch.randn(1, 64), 4, 2.0)
+
+
 def test_pissa_fast_svd_matches_peft_pissa_niter_4(decaying_llama_dir):
     from peft import LoraConfig, get_peft_model
 
@@ -192,9 +212,9 @@ def test_lora_ga_matches_peft_lora_ga(tiny_llama_dir, monkeypatch, direction, sc
     get_init("gradient").run(InitContext(ours, layers, cfg, examples, 0))
     torch.testing.assert_close(ours(x).logits, before, rtol=1e-4, atol=1e-5)  # output unchanged
 
-    def exact_svd(M, q=None, niter=None):  # PEFT calls the randomized SVD; LoRA-GA's B A depends on SVD signs
-        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-        return U, S, Vh.T
+    def exact_svd(M, q=None, niter=None):  # PEFT calls the randomized SVD; LoRA-GA's B A depends on SVD signs,
+        U, S, Vh = svd(M)  # so PEFT gets the exact SVD with the same canonical signs as ours
+        return U.to(M.dtype), S.to(M.dtype), Vh.T.to(M.dtype)
 
     monkeypatch.setattr(torch, "svd_lowrank", exact_svd)
     ref_model = load(tiny_llama_dir)

@@ -1,4 +1,5 @@
-"""Top-r SVD of a weight, full or fast randomized (Halko et al.), always in fp32."""
+"""Top-r SVD of a weight, full or fast randomized (Halko et al.), always in fp32, with canonical singular-vector
+signs (``canonical_signs``), so PiSSA's and Rotational PiSSA's factors do not depend on the SVD's sign choices."""
 from __future__ import annotations
 
 import torch
@@ -12,7 +13,8 @@ def top_r_svd(W: torch.Tensor, r: int, niter: int | None = None, seed: int = 0
     W = W.float()
     if niter is None:
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-        return U[:, :r].contiguous(), S[:r].contiguous(), Vh[:r].contiguous()
+        U, Vh = canonical_signs(U[:, :r], Vh[:r])
+        return U.contiguous(), S[:r].contiguous(), Vh.contiguous()
     gen = torch.Generator(device=W.device).manual_seed(seed)
     q = min(r + max(10, r // 2), min(W.shape))  # oversampled sketch width
     omega = torch.randn(W.shape[1], q, generator=gen, device=W.device)
@@ -21,7 +23,8 @@ def top_r_svd(W: torch.Tensor, r: int, niter: int | None = None, seed: int = 0
         Q, _ = torch.linalg.qr(W.T @ Q)
         Q, _ = torch.linalg.qr(W @ Q)
     Ub, S, Vh = torch.linalg.svd(Q.T @ W, full_matrices=False)
-    return (Q @ Ub[:, :r]).contiguous(), S[:r].contiguous(), Vh[:r].contiguous()
+    U, Vh = canonical_signs(Q @ Ub[:, :r], Vh[:r])
+    return U.contiguous(), S[:r].contiguous(), Vh.contiguous()
 
 
 def orthonormalize(U: torch.Tensor) -> torch.Tensor:
