@@ -108,6 +108,35 @@ def test_lora_fa_closed_form_with_anisotropic_metric():
     assert (G.double() * fa).sum() < (G.double() * one).sum()
 
 
+def test_factors_do_not_depend_on_the_svd_s_sign_choices(monkeypatch):
+    """An SVD's signs are arbitrary and flipped with rounding-level changes of G (another bsz/iters split or process
+    count), which moved LoRA-GA's factors by O(1). Every SVD-based init now fixes them: flipping any singular pairs in
+    torch's SVD changes no factor."""
+    from peftlab.init.directions import lora_fa
+    from peftlab.init.pissa import pissa_factors
+    from peftlab.init.svd import top_r_svd
+
+    torch.manual_seed(0)
+    G, W, sigma = torch.randn(20, 14), torch.randn(20, 14), torch.cov(torch.randn(14, 50)) + torch.eye(14)
+    inits = {"LoRA-GA": lambda: lora_ga(G, 3, 2.0), "LoRA-GA peft": lambda: lora_ga(G, 3, 2.0, convention="peft"),
+             "LoRA-One": lambda: lora_one(G, 3, 2.0), "LoRA-FA": lambda: lora_fa(G, 3, 2.0, sigma=sigma),
+             "PiSSA": lambda: pissa_factors(W, 3, 2.0), "PiSSA fast": lambda: pissa_factors(W, 3, 2.0, niter=2),
+             "Rotational PiSSA": lambda: top_r_svd(W, 3)}
+    plain = {k: f() for k, f in inits.items()}
+    svd = torch.linalg.svd
+    flip = torch.tensor([-1.0, 1.0, -1.0, -1.0, 1.0, 1.0, -1.0] * 2)
+
+    def flipped_svd(M, full_matrices=True):
+        U, S, Vh = svd(M, full_matrices=full_matrices)
+        k = S.shape[-1]
+        return U * flip[:k].to(U.dtype), S, Vh * flip[:k, None].to(Vh.dtype)
+
+    monkeypatch.setattr(torch.linalg, "svd", flipped_svd)
+    for k, f in inits.items():
+        for mine, ref in zip(f(), plain[k]):
+            torch.testing.assert_close(mine, ref, rtol=0, atol=1e-6, msg=k)
+
+
 def test_rank_by_energy():
     S = torch.tensor([3.0, 2.0, 1.0, 0.5])  # energies 9, 4, 1, 0.25 of 14.25
     assert rank_by_energy(S, 9 / 14.25, 4) == 1
