@@ -284,6 +284,48 @@ def test_lora_one_and_lora_fa_inits_on_a_model(tiny_llama_dir):
         torch.testing.assert_close(deltas["LoRA-FA"][n], target, rtol=1e-4, atol=1e-6)
 
 
+# ---- reduction: batch_mean against the authors' estimate -------------------------------------------------------------
+def authors_gradient(model_dir, names, samples, bsz):
+    """LoRA-One's and LoRA-GA's estimate_gradient, transcribed: a DataLoader of batch_size=bsz over the samples (in
+    order), outputs.loss (HF's mean over the batch's target tokens) backward, every batch's gradient summed into
+    named_grads, then named_grads /= the number of batches."""
+    model = load(model_dir)
+    weights = [model.get_submodule(n).weight for n in names]
+    named_grads = {n: torch.zeros_like(w) for n, w in zip(names, weights)}
+    num = 0
+    for i in range(0, len(samples), bsz):
+        b = collate(samples[i:i + bsz], 0)
+        num += 1
+        loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+        for n, g in zip(names, torch.autograd.grad(loss, weights)):
+            named_grads[n] += g
+    return {n: g / num for n, g in named_grads.items()}
+
+
+@pytest.mark.parametrize("direction", ["LoRA-GA", "LoRA-One"])
+def test_batch_mean_reproduces_the_authors_estimate_and_factors(tiny_llama_dir, direction):
+    from test_gradient_estimation import QV
+
+    examples = random_examples(16)  # lengths and prompt lengths vary, so the two reductions differ
+    bsz, iters = 3, 3
+    samples = calibration_samples(examples, bsz * iters, 0)
+    G = authors_gradient(tiny_llama_dir, QV, samples, bsz)
+    runs = {}
+    for reduction in ("batch_mean", "token_mean"):
+        model = load(tiny_llama_dir)
+        layers = apply_adapters(model, peft_cfg(lora_r=2, lora_alpha=4))
+        cfg = init_cfg(direction=direction, bsz=bsz, iters=iters, reduction=reduction)
+        get_init("gradient").run(InitContext(model, layers, cfg, examples, 0))
+        runs[reduction] = layers
+    for n in QV:
+        l = runs["batch_mean"][n]
+        A, B = (lora_ga if direction == "LoRA-GA" else lora_one)(G[n], 2, l.scaling)
+        torch.testing.assert_close(l.lora_A.detach(), A, rtol=0, atol=1e-5)
+        torch.testing.assert_close(l.lora_B.detach(), B, rtol=0, atol=1e-5)
+        other = runs["token_mean"][n].delta_weight()
+        assert (other - l.delta_weight()).norm() > 1e-3 * l.delta_weight().norm()  # the reductions differ here
+
+
 # ---- export, per-layer ranks, resume --------------------------------------------------------------------------------
 @pytest.mark.parametrize("init", ["pissa", "LoRA-GA", "LoRA-FA-auto"])
 def test_export_round_trips_through_peft(tmp_path, tiny_llama_dir, init):
@@ -342,6 +384,7 @@ def test_rank_auto_layers_survive_a_resume(tiny_llama_dir):
     ({"rank": 3}, r"unknown init.rank 3; allowed"),
     ({"bsz": 0}, "init.bsz must be an integer >= 1"),
     ({"energy": 1.5}, r"init.energy must be in \(0, 1\]"),
+    ({"reduction": "sum"}, r"unknown init.reduction 'sum'; allowed: \['token_mean', 'batch_mean'\]"),
 ])
 def test_bad_init_values_fail_at_config_resolution(overrides, message):
     from test_config import compose_cfg
