@@ -493,3 +493,10 @@ def test_seed_trainer_applies_orthogonal_regularization():
             model.geolora_layers["1"].geo_U[:, 0] *= 2.0  # ||U^T U - I||^2 = (4 - 1)^2 on this layer, 0 elsewhere
         first[w] = GeoLoRATrainer(model, config).train([(X, y)], num_epochs=1)["train_loss"][0]
     assert first[0.5] - first[0.0] == pytest.approx(0.5 * 9.0, rel=1e-5)
+
+
+def test_divergence_in_the_trainer_is_its_non_finite_error(tmp_path):
+    from peftlab.train import NonFiniteLoss
+
+    with pytest.raises(NonFiniteLoss, match="GeoLoRA diverged"):
+        run_train(tmp_path / "run", ["++method.lr=1e38", "train.max_grad_norm=null"])
