@@ -98,7 +98,7 @@ def gplora_zero_factor() -> dict:
 
 
 def rotational_pissa_drift() -> float:
-    """max |U^T U - I|, |V^T V - I| after 1000 way1 merges of random Givens rotations (r = 8, 8 layers, angles N(0,1))."""
+    """max |U^T U - I|, |V^T V - I| after 1000 way1 merges of random Givens rotations (r 8, 8 layers, angles N(0,1))."""
     from peftlab.adapters.rotational_pissa import RotationalPiSSAConfig, RotationalPiSSALinear
 
     torch.manual_seed(0)

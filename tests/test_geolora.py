@@ -131,7 +131,7 @@ def geolora_step_float64(U, S, V, G, lr, tau):
 def test_step_with_a_rank_deficient_gradient_residual_equals_the_float64_step_at_any_loss_scale(loss_scale):
     """Two samples make G rank 2 < r = 4, so the residuals of G V and G^T U are rank-deficient. The rounding-level
     singular vectors of such a residual are not orthogonal to U; with an absolute epsilon_resid they were kept once the
-    loss was scaled up (step 20-30% off at loss x 1e2..1e4). With lr / loss_scale the step is the same at every scale."""
+    loss was scaled up (step 20-30% off at loss x 1e2..1e4). With lr / loss_scale the step is the same at any scale."""
     torch.manual_seed(0)
     d, n = 24, 2
     W0, X, Y = torch.randn(d, d) / d ** 0.5, torch.randn(n, d), torch.randn(n, d)
