@@ -1,7 +1,7 @@
 """Before/after figures for the numerical defects of issue 14, measured on whatever peftlab PYTHONPATH names:
 
     PYTHONPATH=. python bench/numerics.py --label "after (branch i14num)"            # this checkout
-    PYTHONPATH=/work/main python bench/numerics.py --label "before (main 63a89b7)"   # another checkout
+    PYTHONPATH=/tmp/base63 python bench/numerics.py --label "before (63a89b7, git archive)"  # git archive 63a89b7
 
 (Not a bench_*.py: run_all does not run it; it compares checkouts.)
 Each run adds its label to bench/results/numerics.json (seconds on a CPU; deterministic seeds, so the figures repeat
