@@ -33,7 +33,7 @@ class GeoLoRAConfig:
     lora_dropout: float = 0.0
     truncation_strategy: str = "local_threshold"  # local_threshold | fixed_rank | global_budget
     budget: int | None = None           # global_budget: total rank over all layers
-    epsilon_resid: float = 1e-6
+    epsilon_resid: float = 1e-6        # gradient directions below this x ||G_K||_2 (relative) are not added
     use_small_matrix_optimizer: str = "adam"  # adam (one second moment per layer) | adam_entrywise | sgd
     orthogonal_regularization: float = 0.0
     learning_rate: float = 1e-3
@@ -120,6 +120,9 @@ class GeoLoRATrainer:
             losses = []
             for batch in train_loader:
                 loss = self.loss_fn(self.model, batch)
+                if self.config.orthogonal_regularization:  # as the run_exp trainer (the method's extra_loss)
+                    loss = loss + self.config.orthogonal_regularization * sum(
+                        l.orthogonality_error() for l in self.model.geolora_layers.values())
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise FloatingPointError(f"loss is {value} at step {step + 1}; lower learning_rate")

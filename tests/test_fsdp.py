@@ -108,7 +108,8 @@ def test_sharded_run_equals_one_process(tmp_path):
 def test_sharded_run_with_a_gradient_init_resumes_after_sigkill_and_exports_like_ddp(tmp_path):
     """LoRA-GA (the full-batch gradient estimated before sharding, the base offset) under FSDP, killed and resumed,
     gives DDP's adapters and merged model."""
-    over = [*SMALL, "+init=gradient", "train.max_steps=40", "train.save_every=5", "model.saving=true"]
+    over = [*SMALL, "+init=gradient", "init.direction=LoRA-GA", "train.max_steps=40", "train.save_every=5",
+            "model.saving=true"]  # (init=gradient alone is LoRA-One: no base offset)
     ddp = run_cli(tmp_path / "ddp", over, nproc=2)
     finish(ddp)
     fsdp = [*over, "train.fsdp=full_shard"]

@@ -81,7 +81,9 @@ def test_backward_gives_the_K_S_L_gradients_of_the_dense_gradient():
 def test_one_sgd_step_equals_the_projected_dense_step():
     """W_new = P_Uhat (W - lr P_T(G)) P_Vhat, span(U_hat) = span[U, G V], P_T(G) = G V V^T + U U^T G - U U^T G V V^T."""
     W0, dW, X, Y = planted()
-    layer = geo_layer(W0, 3, init_scale=0.3)
+    # seed 1: with seed 0 the layer's random U is the planted one (the same random stream), so G V lies in span(U)
+    # and the step added only rounding-level directions
+    layer = geo_layer(W0, 3, init_scale=0.3, seed=1)
     U, S, V = (t.detach().double() for t in (layer.U, layer.S, layer.V))
     W = (U @ S @ V.T).requires_grad_(True)
     (0.5 * ((X.double() @ (W0.double() + W).T - Y.double()) ** 2).sum(1).mean()).backward()
@@ -105,6 +107,61 @@ def test_augmentation_drops_residual_directions_below_epsilon_and_keeps_U():
     torch.testing.assert_close(U_hat[:, :3], U, rtol=0, atol=1e-6)
     torch.testing.assert_close(U_hat.T @ U_hat, torch.eye(4), rtol=0, atol=1e-6)  # orthonormal without a QR
     assert torch.linalg.norm(new[:, 0] - U_hat @ (U_hat.T @ new[:, 0])) < 1e-5
+
+
+def geolora_step_float64(U, S, V, G, lr, tau):
+    """The GeoLoRA step (paper, Alg. 1; the authors' parallel integrator) in float64, for SGD: augment each basis with
+    an orthonormal basis of the gradient's residual outside it (its exact rank: singular values above 1e-10 of the
+    largest), step the augmented coefficients along the projected gradient (zero new x new block), truncate by SVD."""
+    def augment(B, GB):
+        R = GB - B @ (B.T @ GB)
+        R = R - B @ (B.T @ R)
+        Q, sv, _ = torch.linalg.svd(R, full_matrices=False)
+        return torch.cat([B, Q[:, :int((sv > 1e-10 * torch.linalg.matrix_norm(GB, ord=2)).sum())]], 1)
+
+    U_hat, V_hat = augment(U, G @ V), augment(V, G.T @ U)
+    PT = G @ V @ V.T + U @ U.T @ G - U @ U.T @ G @ V @ V.T  # U_hat^T PT V_hat has the zero new x new block
+    S_hat = U_hat.T @ (U @ S @ V.T - lr * PT) @ V_hat
+    P, sigma, Qh = torch.linalg.svd(S_hat)
+    k = local_threshold_rank(sigma, tau)
+    return U_hat @ P[:, :k] @ torch.diag(sigma[:k]) @ Qh[:k] @ V_hat.T, k
+
+
+@pytest.mark.parametrize("loss_scale", [1e-2, 1.0, 1e4])
+def test_step_with_a_rank_deficient_gradient_residual_equals_the_float64_step_at_any_loss_scale(loss_scale):
+    """Two samples make G rank 2 < r = 4, so the residuals of G V and G^T U are rank-deficient. The rounding-level
+    singular vectors of such a residual are not orthogonal to U; with an absolute epsilon_resid they were kept once the
+    loss was scaled up (step 20-30% off at loss x 1e2..1e4). With lr / loss_scale the step is the same at any scale."""
+    torch.manual_seed(0)
+    d, n = 24, 2
+    W0, X, Y = torch.randn(d, d) / d ** 0.5, torch.randn(n, d), torch.randn(n, d)
+    layer = geo_layer(W0, 4, seed=1, init_scale=0.3)
+    U, S, V = (t.detach().double() for t in (layer.U, layer.S, layer.V))
+    W = (U @ S @ V.T).requires_grad_(True)
+    (loss_scale * 0.5 * ((X.double() @ (W0.double() + W).T - Y.double()) ** 2).sum(1).mean()).backward()
+    lr, tau = 0.3 / loss_scale, 1e-3
+    expected, k = geolora_step_float64(U, S, V, W.grad, lr, tau)
+    (loss_scale * mse(layer, X, Y)).backward()
+    GeoLoRAOptimizer({"l": layer}, lr=lr, small_optimizer="sgd", tau=tau).step()
+    assert layer.rank == k == 6  # 4 + the two gradient directions on each side
+    step = torch.linalg.norm(expected - W.detach())
+    assert torch.linalg.norm(layer.delta_weight().double() - expected) < 1e-5 * step
+    assert_orthonormal(layer)
+
+
+def test_divergence_is_the_trainer_s_non_finite_error_not_a_linalg_error():
+    from peftlab.train import NonFiniteLoss
+
+    W0, dW, X, Y = planted()
+    layer = geo_layer(W0, 3)
+    mse(layer, X, Y).backward()
+    layer.geo_U.grad[0, 0] = float("nan")
+    with pytest.raises(NonFiniteLoss, match="GeoLoRA diverged: the gradient"):
+        GeoLoRAOptimizer({"l": layer}, lr=0.1, small_optimizer="sgd").step()
+    layer.zero_grad()
+    (1e6 * mse(layer, X, Y)).backward()
+    with pytest.raises(NonFiniteLoss, match="coefficient matrix .* not finite"):  # the step overflows fp32
+        GeoLoRAOptimizer({"l": layer}, lr=1e38, small_optimizer="sgd").step()
 
 
 @pytest.mark.parametrize("small,lr,tau", [("sgd", 0.5, 1e-3), ("adam", 1e-2, 1e-3), ("adam_entrywise", 1e-2, 5e-2)])
@@ -422,3 +479,26 @@ def test_python_api_on_an_hf_model_and_its_export(tiny_llama_dir, tmp_path):
     model.save_adapter(tmp_path / "adapter")
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tmp_path / "adapter")
     torch.testing.assert_close(peft_model.eval()(x).logits, model.eval()(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_seed_trainer_applies_orthogonal_regularization():
+    """The trainer's loss is the task loss plus w (||U^T U - I||^2 + ||V^T V - I||^2), summed over layers."""
+    from peftlab.geolora import GeoLoRAConfig, GeoLoRAModel, GeoLoRATrainer
+
+    X, y = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(0)), torch.arange(32) % 10
+    first = {}
+    for w in (0.0, 0.5):
+        torch.manual_seed(0)
+        config = GeoLoRAConfig(rank_init=4, learning_rate=1e-3, orthogonal_regularization=w)
+        model = GeoLoRAModel(seed_mlp(), config, target_modules=["1", "3"])
+        with torch.no_grad():
+            model.geolora_layers["1"].geo_U[:, 0] *= 2.0  # ||U^T U - I||^2 = (4 - 1)^2 on this layer, 0 elsewhere
+        first[w] = GeoLoRATrainer(model, config).train([(X, y)], num_epochs=1)["train_loss"][0]
+    assert first[0.5] - first[0.0] == pytest.approx(0.5 * 9.0, rel=1e-5)
+
+
+def test_divergence_in_the_trainer_is_its_non_finite_error(tmp_path):
+    from peftlab.train import NonFiniteLoss
+
+    with pytest.raises(NonFiniteLoss, match="GeoLoRA diverged"):
+        run_train(tmp_path / "run", ["++method.lr=1e38", "train.max_grad_norm=null"])

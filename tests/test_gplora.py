@@ -148,6 +148,26 @@ def test_guard_leaves_B_zero_layers_alone_and_unguarded_projection_starves_B():
     assert gauge_project_model(nn.Sequential(layer), guard=0.01)["gplora/projected_layers"] == 0
 
 
+def test_eps_zero_skips_a_zero_factor_instead_of_writing_nan():
+    """At eps = 0 a zero factor has no balancing gauge (S = 0, R^-1 infinite); it used to come back NaN unguarded.
+    The layer is left alone, and a zero layer batched with others does not disturb their projection."""
+    for zero in ("B", "A"):
+        layers = [trained_layer(seed=i) for i in range(3)]
+        with torch.no_grad():
+            getattr(layers[1], f"lora_{zero}").zero_()
+        before = [(l.lora_A.detach().clone(), l.lora_B.detach().clone()) for l in layers]
+        out = gauge_project_model(nn.Sequential(*layers), mu="auto", eps=0.0, guard=0.0)
+        assert out["gplora/projected_layers"] == pytest.approx(2 / 3)
+        assert torch.isfinite(torch.tensor(list(out.values()))).all()
+        assert torch.equal(layers[1].lora_A, before[1][0]) and torch.equal(layers[1].lora_B, before[1][1])
+        for i in (0, 2):
+            R = fp64_gauge(*before[i], 4 / 24, 0.0)
+            torch.testing.assert_close(layers[i].lora_A.double(), R @ before[i][0].double(), rtol=1e-5, atol=1e-6)
+    A, B = torch.randn(4, 16), torch.zeros(12, 4)  # the bare-factors API, unguarded
+    gauge_project_((A, B), eps=0.0)
+    assert torch.isfinite(A).all() and torch.equal(B, torch.zeros(12, 4))
+
+
 def adam_state(layer, steps=3):
     opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
     for s in range(steps):

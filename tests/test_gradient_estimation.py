@@ -88,6 +88,27 @@ def test_gradient_is_autograd_of_the_full_mean_loss_for_any_split(tiny_llama_dir
     torch.testing.assert_close(sigmas[q0], x.T @ x / len(x), rtol=1e-4, atol=1e-6)
 
 
+def lora_ga_factors(model_dir, examples, bsz, iters):
+    from peftlab.init import get_init
+
+    model = load(model_dir)
+    layers = apply_adapters(model, peft_cfg())
+    get_init("gradient").run(InitContext(model, layers, init_cfg(direction="LoRA-GA", bsz=bsz, iters=iters), examples,
+                                         0))
+    return {n: (l.lora_A.detach(), l.lora_B.detach()) for n, l in layers.items()}
+
+
+def test_lora_ga_factors_are_the_same_for_any_bsz_iters_split(tiny_llama_dir):
+    """G agrees to rounding over splits; with canonical SVD signs the factors then agree too (to 1e-5)."""
+    examples = random_examples(16)
+    ref = lora_ga_factors(tiny_llama_dir, examples, 8, 1)
+    for bsz, iters in ((4, 2), (1, 8)):
+        got = lora_ga_factors(tiny_llama_dir, examples, bsz, iters)
+        for n in QV:
+            for mine, theirs in zip(got[n], ref[n]):
+                torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5)
+
+
 def test_only_target_weights_take_gradients_during_estimation(tiny_llama_dir):
     model = load(tiny_llama_dir)
     layers = apply_adapters(model, peft_cfg())
@@ -188,12 +209,14 @@ from accelerate import Accelerator
 from test_gradient_estimation import random_examples, load, peft_cfg
 from peftlab.adapters import apply_adapters
 from peftlab.init.gradient import estimate_gradient
+from peftlab.init.directions import lora_ga
 acc = Accelerator(cpu=True)
 model = load({str(tiny_llama_dir)!r})
 layers = apply_adapters(model, peft_cfg())
 g, s, n = estimate_gradient(model, layers, random_examples(11), 0, 4, acc, second_moments=True, progress=False)
+ga = {{k: lora_ga(v, 4, 2.0) for k, v in g.items()}}
 if acc.is_main_process:
-    torch.save({{"g": g, "s": s, "n": n}}, sys.argv[1])
+    torch.save({{"g": g, "s": s, "n": n, "ga": ga}}, sys.argv[1])
 acc.wait_for_everyone()
 torch.distributed.destroy_process_group()
 # Leave without the interpreter's teardown: ending right after the estimation, a C++ destructor there aborted about
@@ -214,3 +237,5 @@ os._exit(0)
         torch.testing.assert_close(one["g"][k], ref[k], rtol=1e-4, atol=1e-7)
         torch.testing.assert_close(two["g"][k], one["g"][k], rtol=1e-4, atol=1e-7)
         torch.testing.assert_close(two["s"][k], one["s"][k], rtol=1e-4, atol=1e-6)
+        for mine, theirs in zip(two["ga"][k], one["ga"][k]):  # LoRA-GA's factors (canonical SVD signs)
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5)

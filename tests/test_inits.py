@@ -24,7 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def svd(M):
-    return torch.linalg.svd(M.double(), full_matrices=False)
+    """float64 SVD with the inits' canonical signs (largest-|.| entry of each left singular vector positive)."""
+    U, S, Vh = torch.linalg.svd(M.double(), full_matrices=False)
+    sign = torch.sign(U.gather(0, U.abs().argmax(0, keepdim=True)))
+    return U * sign, S, Vh * sign.T
 
 
 def peft_delta(peft_model, name):
@@ -105,6 +108,35 @@ def test_lora_fa_closed_form_with_anisotropic_metric():
     assert (G.double() * fa).sum() < (G.double() * one).sum()
 
 
+def test_factors_do_not_depend_on_the_svd_s_sign_choices(monkeypatch):
+    """An SVD's signs are arbitrary and flipped with rounding-level changes of G (another bsz/iters split or process
+    count), which moved LoRA-GA's factors by O(1). Every SVD-based init now fixes them: flipping any singular pairs in
+    torch's SVD changes no factor."""
+    from peftlab.init.directions import lora_fa
+    from peftlab.init.pissa import pissa_factors
+    from peftlab.init.svd import top_r_svd
+
+    torch.manual_seed(0)
+    G, W, sigma = torch.randn(20, 14), torch.randn(20, 14), torch.cov(torch.randn(14, 50)) + torch.eye(14)
+    inits = {"LoRA-GA": lambda: lora_ga(G, 3, 2.0), "LoRA-GA peft": lambda: lora_ga(G, 3, 2.0, convention="peft"),
+             "LoRA-One": lambda: lora_one(G, 3, 2.0), "LoRA-FA": lambda: lora_fa(G, 3, 2.0, sigma=sigma),
+             "PiSSA": lambda: pissa_factors(W, 3, 2.0), "PiSSA fast": lambda: pissa_factors(W, 3, 2.0, niter=2),
+             "Rotational PiSSA": lambda: top_r_svd(W, 3)}
+    plain = {k: f() for k, f in inits.items()}
+    svd = torch.linalg.svd
+    flip = torch.tensor([-1.0, 1.0, -1.0, -1.0, 1.0, 1.0, -1.0] * 2)
+
+    def flipped_svd(M, full_matrices=True):
+        U, S, Vh = svd(M, full_matrices=full_matrices)
+        k = S.shape[-1]
+        return U * flip[:k].to(U.dtype), S, Vh * flip[:k, None].to(Vh.dtype)
+
+    monkeypatch.setattr(torch.linalg, "svd", flipped_svd)
+    for k, f in inits.items():
+        for mine, ref in zip(f(), plain[k]):
+            torch.testing.assert_close(mine, ref, rtol=0, atol=1e-6, msg=k)
+
+
 def test_rank_by_energy():
     S = torch.tensor([3.0, 2.0, 1.0, 0.5])  # energies 9, 4, 1, 0.25 of 14.25
     assert rank_by_energy(S, 9 / 14.25, 4) == 1
@@ -156,6 +188,23 @@ def decaying_llama_dir(tmp_path_factory, tiny_llama_dir):
     return path
 
 
+def test_pissa_refuses_a_rank_above_a_layer_s_smaller_dimension_naming_it():
+    """A 1 x 64 layer has one singular triplet; r = 4 used to broadcast it into every row (residual -7 W)."""
+    from torch import nn
+
+    from peftlab.init.pissa import pissa_factors
+
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 1))
+    w = [m.weight.detach().clone() for m in model]
+    layers = apply_adapters(model, OmegaConf.create({"lora_target_modules": ["0", "1"], "lora_r": 4,
+                                                     "lora_alpha": 8}))
+    with pytest.raises(ValueError, match=r"PiSSA needs lora_r <= min\(out, in\); 1 is \(1, 32\), r=4"):
+        get_init("pissa").run(InitContext(model, layers, OmegaConf.create({"init": {"name": "pissa"}})))
+    assert all(torch.equal(l.base.weight, w0) for l, w0 in zip(layers.values(), w))  # refused before any change
+    with pytest.raises(ValueError, match="lora_r <= min"):
+        pissa_factors(torch.randn(1, 64), 4, 2.0)
+
+
 def test_pissa_fast_svd_matches_peft_pissa_niter_4(decaying_llama_dir):
     from peft import LoraConfig, get_peft_model
 
@@ -192,9 +241,9 @@ def test_lora_ga_matches_peft_lora_ga(tiny_llama_dir, monkeypatch, direction, sc
     get_init("gradient").run(InitContext(ours, layers, cfg, examples, 0))
     torch.testing.assert_close(ours(x).logits, before, rtol=1e-4, atol=1e-5)  # output unchanged
 
-    def exact_svd(M, q=None, niter=None):  # PEFT calls the randomized SVD; LoRA-GA's B A depends on SVD signs
-        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-        return U, S, Vh.T
+    def exact_svd(M, q=None, niter=None):  # PEFT calls the randomized SVD; LoRA-GA's B A depends on SVD signs,
+        U, S, Vh = svd(M)  # so PEFT gets the exact SVD with the same canonical signs as ours
+        return U.to(M.dtype), S.to(M.dtype), Vh.T.to(M.dtype)
 
     monkeypatch.setattr(torch, "svd_lowrank", exact_svd)
     ref_model = load(tiny_llama_dir)
@@ -233,6 +282,48 @@ def test_lora_one_and_lora_fa_inits_on_a_model(tiny_llama_dir):
         target = (l.scaling / 16) * ((U[:, :4] * S[:4]) @ Vh[:4] / S[0]).float()
         torch.testing.assert_close(deltas["LoRA-One"][n], target, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(deltas["LoRA-FA"][n], target, rtol=1e-4, atol=1e-6)
+
+
+# ---- reduction: batch_mean against the authors' estimate -------------------------------------------------------------
+def authors_gradient(model_dir, names, samples, bsz):
+    """LoRA-One's and LoRA-GA's estimate_gradient, transcribed: a DataLoader of batch_size=bsz over the samples (in
+    order), outputs.loss (HF's mean over the batch's target tokens) backward, every batch's gradient summed into
+    named_grads, then named_grads /= the number of batches."""
+    model = load(model_dir)
+    weights = [model.get_submodule(n).weight for n in names]
+    named_grads = {n: torch.zeros_like(w) for n, w in zip(names, weights)}
+    num = 0
+    for i in range(0, len(samples), bsz):
+        b = collate(samples[i:i + bsz], 0)
+        num += 1
+        loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+        for n, g in zip(names, torch.autograd.grad(loss, weights)):
+            named_grads[n] += g
+    return {n: g / num for n, g in named_grads.items()}
+
+
+@pytest.mark.parametrize("direction", ["LoRA-GA", "LoRA-One"])
+def test_batch_mean_reproduces_the_authors_estimate_and_factors(tiny_llama_dir, direction):
+    from test_gradient_estimation import QV
+
+    examples = random_examples(16)  # lengths and prompt lengths vary, so the two reductions differ
+    bsz, iters = 3, 3
+    samples = calibration_samples(examples, bsz * iters, 0)
+    G = authors_gradient(tiny_llama_dir, QV, samples, bsz)
+    runs = {}
+    for reduction in ("batch_mean", "token_mean"):
+        model = load(tiny_llama_dir)
+        layers = apply_adapters(model, peft_cfg(lora_r=2, lora_alpha=4))
+        cfg = init_cfg(direction=direction, bsz=bsz, iters=iters, reduction=reduction)
+        get_init("gradient").run(InitContext(model, layers, cfg, examples, 0))
+        runs[reduction] = layers
+    for n in QV:
+        l = runs["batch_mean"][n]
+        A, B = (lora_ga if direction == "LoRA-GA" else lora_one)(G[n], 2, l.scaling)
+        torch.testing.assert_close(l.lora_A.detach(), A, rtol=0, atol=1e-5)
+        torch.testing.assert_close(l.lora_B.detach(), B, rtol=0, atol=1e-5)
+        other = runs["token_mean"][n].delta_weight()
+        assert (other - l.delta_weight()).norm() > 1e-3 * l.delta_weight().norm()  # the reductions differ here
 
 
 # ---- export, per-layer ranks, resume --------------------------------------------------------------------------------
@@ -294,6 +385,7 @@ def test_rank_auto_layers_survive_a_resume(tiny_llama_dir):
     ({"rank": 3}, r"unknown init.rank 3; allowed"),
     ({"bsz": 0}, "init.bsz must be an integer >= 1"),
     ({"energy": 1.5}, r"init.energy must be in \(0, 1\]"),
+    ({"reduction": "sum"}, r"unknown init.reduction 'sum'; allowed: \['token_mean', 'batch_mean'\]"),
 ])
 def test_bad_init_values_fail_at_config_resolution(overrides, message):
     from test_config import compose_cfg

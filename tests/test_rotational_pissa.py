@@ -153,6 +153,24 @@ def test_merging_rotations_into_U_V_keeps_the_function_and_restarts(way):
     assert not any(id(p) in restarted for p in opt.state)  # stale moments dropped
 
 
+def test_way1_bases_stay_orthonormal_to_fp32_rounding_over_1000_merges():
+    """Each merge folds a Givens product into U and V; without re-orthonormalisation the rounding errors added up
+    (max |U^T U - I| 4-7e-6 after 1000 merges of random rotations; 2-5e-7 with the QR at every merge)."""
+    torch.manual_seed(0)
+    l = RotationalPiSSALinear(nn.Linear(64, 48), RotationalPiSSAConfig(r=8, way="way1", givens_layers=8))
+    x = torch.randn(4, 64)
+    g = torch.Generator().manual_seed(1)
+    for i in range(1000):
+        with torch.no_grad():
+            for th in [*l.rot_U.theta, *l.rot_V.theta]:
+                th.copy_(torch.randn(th.shape, generator=g))
+        y = l(x) if i == 999 else None
+        l.merge_rotations_()
+    torch.testing.assert_close(l(x), y, rtol=0, atol=1e-4)  # the last merge kept the function
+    for M in (l.U, l.V):
+        assert (M.T @ M - torch.eye(8)).abs().max() < 1e-6
+
+
 def test_after_step_merges_way1_on_its_schedule():
     model = nn.Sequential(layer("way1"))
     perturb(model[0], 0.3)

@@ -4,8 +4,8 @@ One integrator step per optimizer step, from one forward and one backward pass:
 1. The backward of the layer gives, in place of dL/dU, dL/dS, dL/dV, the K-, S- and L-gradients of W = U S V^T:
    G_K = G_W V, G_S = U^T G_W V, G_L = G_W^T U (G_W = dL/dW), all from the activations of the same pass; no S^-1.
 2. Augment the bases: U_hat = orth([U | G_K]), V_hat = orth([V | G_L]); residual directions (after projecting out U)
-   with singular value <= epsilon_resid are not added. The residual is orthonormalised by a thin SVD (rank
-   revealing, which a QR without pivoting is not).
+   with singular value <= epsilon_resid * ||G_K||_2 (relative, floored at rounding level) are not added. The residual
+   is orthonormalised by a thin SVD (rank revealing, which a QR without pivoting is not).
 3. Coefficient step on S_hat = U_hat^T U S V^T V_hat with the gradient U_hat^T P_T(G_W) V_hat, P_T the projection on
    the tangent space at U S V^T: its blocks are G_S, G_L^T V_new, U_new^T G_K and 0. The zero (new x new) block is the
    paper's parallel integrator; it is also the only block that would need G_W itself (dense, or a second pass).
@@ -34,6 +34,7 @@ from ..schema import build, defaults_of, fail, option
 from . import register_method
 from .base import AdapterLayer, MethodOptions, MethodSpec, adapter_layers
 from .lora import lora_scaling
+from ..init.svd import orthonormalize  # QR with U's signs kept (also used by rotational PiSSA)
 
 STRATEGIES = ("local_threshold", "fixed_rank", "global_budget")
 SMALL_OPTIMIZERS = ("adam", "adam_entrywise", "sgd")
@@ -209,21 +210,25 @@ class GeoLoRALinear(AdapterLayer):
 
 # ---- the integrator --------------------------------------------------------------------------------------------------
 def augment_basis(U: torch.Tensor, G: torch.Tensor, eps: float) -> torch.Tensor:
-    """[U | new]: new orthonormal, orthogonal to U, spanning the part of G outside span(U) with singular values > eps.
-    The residual is orthonormalised by a thin SVD, which reveals its rank (a QR without pivoting does not)."""
+    """[U | new]: new orthonormal, orthogonal to U, spanning the part of G outside span(U) with singular values above
+    max(eps, max(n, k) * float eps) * ||G||_2. The threshold is relative: the residual's rounding noise scales with
+    ||G||, and when the residual is rank-deficient its SVD pads it with singular vectors of that noise which lie
+    anywhere outside range(R), span(U) included; an absolute threshold kept them once the loss was scaled up (the
+    step was 20-30% off at loss x 1e2..1e4). The residual is orthonormalised by a thin SVD, which reveals its rank (a
+    QR without pivoting does not); the kept directions are projected off U once more and re-orthonormalised."""
     n, r = U.shape
     R = G - U @ (U.T @ G)
     R = R - U @ (U.T @ R)  # a second pass: one leaves errors of the order of rounding times ||G|| / ||R||
     if n == r or not R.shape[1]:
         return U
     Q, sv, _ = torch.linalg.svd(R, full_matrices=False)
-    return torch.cat([U, Q[:, :min(int((sv > eps).sum()), n - r)]], 1)
-
-
-def orthonormalize(U: torch.Tensor) -> torch.Tensor:
-    """QR with U's signs kept, so that rounding errors never accumulate in the bases from step to step."""
-    Q, T = torch.linalg.qr(U)
-    return Q * torch.where(torch.diagonal(T) < 0, -1.0, 1.0)
+    scale = torch.linalg.matrix_norm(G.float(), ord=2)
+    tol = max(float(eps), max(n, G.shape[1]) * torch.finfo(R.dtype).eps) * float(scale)
+    Q = Q[:, :min(int((sv > tol).sum()), n - r)]
+    if not Q.shape[1]:
+        return U
+    Q = orthonormalize(Q - U @ (U.T @ Q))
+    return torch.cat([U, Q], 1)
 
 
 def local_threshold_rank(sigma: torch.Tensor, tau: float) -> int:
@@ -278,6 +283,9 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         U, S, V = layer.U.detach().float(), layer.S.detach().float(), layer.V.detach().float()
         GK, GS, GL = (layer.geo_U.grad[:, :r].float(), layer.geo_S.grad[:r, :r].float(),
                       layer.geo_V.grad[:, :r].float())
+        if not all(bool(torch.isfinite(g).all()) for g in (GK, GS, GL)):
+            _diverged(f"the gradient of a GeoLoRA layer ({layer.out_features} x {layer.in_features}, rank {r}) is "
+                      f"not finite")
         U_hat, V_hat = augment_basis(U, GK, self.epsilon_resid), augment_basis(V, GL, self.epsilon_resid)
         Au, Av = U_hat.T @ U, V_hat.T @ V  # coordinates of the old bases in the new: [I; 0] up to rounding
         S_hat = Au @ S @ Av.T
@@ -289,6 +297,9 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             S_hat -= lr * G_hat
         else:
             moments = self.adam_update(layer, S_hat, G_hat, Au, Av, group)
+        if not bool(torch.isfinite(S_hat).all()):
+            _diverged(f"the stepped coefficient matrix of a GeoLoRA layer ({layer.out_features} x "
+                      f"{layer.in_features}, rank {r}) is not finite (lr {lr:g})")
         P, sigma, Qh = torch.linalg.svd(S_hat, full_matrices=False)
         return {"U_hat": U_hat, "V_hat": V_hat, "P": P, "sigma": sigma, "Q": Qh.T, "moments": moments}
 
@@ -350,6 +361,14 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             for key, new in zip(("exp_avg", "bias1", "exp_avg_sq", "bias2"), carried):
                 st[key].zero_()
                 st[key][:k, :k] = new
+
+
+def _diverged(what: str) -> None:
+    """Divergence as the trainer's non-finite error (its SVDs would raise LinAlgError on non-finite input)."""
+    from ..train import NonFiniteLoss  # here, not at the top: peftlab.train imports the adapters
+
+    raise NonFiniteLoss(f"GeoLoRA diverged: {what}; lower the learning rate (method.lr / model.lr) or enable "
+                        f"train.max_grad_norm")
 
 
 def rank_metrics(layers: dict[str, GeoLoRALinear]) -> dict[str, float]:

@@ -36,9 +36,10 @@ import torch
 from torch import nn
 
 from . import register_method
+from ..init.svd import orthonormalize, top_r_svd
 from ..schema import option
-from .base import AdapterLayer, Conv1D, MethodOptions, MethodSpec, adapter_layers, base_weight_out_in, find_targets, set_module
-from ..init.svd import top_r_svd
+from .base import (AdapterLayer, Conv1D, MethodOptions, MethodSpec, adapter_layers, base_weight_out_in, find_targets,
+                   set_module)
 
 WAYS = ("way0", "way1", "way2", "way3")
 
@@ -321,9 +322,12 @@ class RotationalPiSSALinear(AdapterLayer):
         if self.cfg.quantize_base_components:
             self.U_nf4.set_(U @ R_U)
             self.V_nf4.set_(V @ R_V)
-        else:
+        elif self.cfg.way == "way0":  # a free R is no rotation: U R_U is not orthonormal and must stay as it is
             self.U.copy_(U @ R_U)
             self.V.copy_(V @ R_V)
+        else:  # re-orthonormalised: without it U, V drift from orthonormality by rounding at every merge
+            self.U.copy_(orthonormalize(U @ R_U))
+            self.V.copy_(orthonormalize(V @ R_V))
         for rot in (self.rot_U, self.rot_V):
             for p in rot.restart_():
                 if optimizer is not None:

@@ -17,13 +17,18 @@ from __future__ import annotations
 
 import torch
 
+from .svd import canonical_signs
+
 DIRECTIONS = ("LoRA-GA", "LoRA-One", "LoRA-FA")
 GA_DIRECTIONS = ("ArB2r", "A2rBr", "ArBr")
 SCALES = ("stable", "gd", "unit")
 
 
 def _svd(M: torch.Tensor):
+    """Thin SVD in fp32 with canonical signs (see canonical_signs): the factors of every direction then depend on G
+    only, not on the sign choices of the SVD, which flipped with rounding-level changes of G."""
     U, S, Vh = torch.linalg.svd(M.float(), full_matrices=False)
+    U, Vh = canonical_signs(U, Vh)
     return U, S, Vh
 
 

@@ -2,8 +2,12 @@
 
 G is the gradient of the mean token loss over all bsz x iters calibration samples (a seeded random subset of the
 training examples, the same on every process): summed token cross-entropy / the global count of target tokens, so
-G is the same whatever the split into micro-batches (bsz) or processes. Each process takes a strided shard; per-weight
-fp32 accumulators are summed over processes once at the end.
+G is the same whatever the split into micro-batches (bsz) or processes (``init.reduction: token_mean``, the default).
+``init.reduction: batch_mean`` is the LoRA-GA and LoRA-One authors' estimate instead: the mean over micro-batches of
+each micro-batch's mean token loss (HF's model loss), so a micro-batch's tokens weigh more when it has fewer of them,
+and G depends on bsz and the process count (each process's micro-batches are bsz / world samples, as the LoRA-GA
+code's per-device batches; micro-batches without target tokens are skipped, where the references would give NaN).
+Each process takes a strided shard; per-weight fp32 accumulators are summed over processes once at the end.
 
 Memory: only the target base weights require gradients, and a post-accumulate-grad hook moves each fresh gradient
 into its fp32 accumulator (on the CPU with ``offload``) and frees it, so no gradient of every parameter is ever held.
@@ -36,6 +40,7 @@ from .directions import (DIRECTIONS, GA_DIRECTIONS, SCALES, inverse_sqrt_metric,
                          rank_by_energy, whitened_spectrum)
 
 MODES = ("gradient",)
+REDUCTIONS = ("token_mean", "batch_mean")
 # the estimation pass's autocast dtype; fp32/bf16/fp16 are the seed's spellings
 DTYPES = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -84,17 +89,19 @@ def _token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
 def estimate_gradient(model: torch.nn.Module, layers: dict[str, AdapterLayer], samples: list[Example], pad_id: int,
                       bsz: int, accelerator=None, second_moments: bool = False, offload: bool = False,
                       autocast_dtype: torch.dtype | None = None,
-                      loss_sum: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None, progress: bool = True
-                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+                      loss_sum: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None, progress: bool = True,
+                      reduction: str = "token_mean") -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
     """(G per layer as out x in fp32, Sigma per layer as in x in fp32 (empty unless asked), global target tokens).
 
     ``bsz`` is the global micro-batch: each of the ``world`` processes runs bsz // world samples per pass.
     ``loss_sum(model, batch)`` replaces the summed token cross-entropy (e.g. a teacher-alignment objective); it is
-    divided by the global target-token count like the default."""
+    divided by the global target-token count like the default. ``reduction``: token_mean | batch_mean (module notes)."""
     if any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
         # a sharded base weight has no whole gradient to hook (and ZeRO-3 peers return a silent zero)
         raise ValueError("estimate_gradient needs the whole base weights, but this model is sharded by FSDP; run the "
                          "init before wrapping (the trainer does: every process loads the whole model first)")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown gradient reduction {reduction!r}; allowed: {list(REDUCTIONS)}")
     loss_sum = loss_sum or _token_loss_sum
     rank = accelerator.process_index if accelerator else 0
     world = accelerator.num_processes if accelerator else 1
@@ -148,25 +155,36 @@ def estimate_gradient(model: torch.nn.Module, layers: dict[str, AdapterLayer], s
                 handles += [l.register_forward_pre_hook(on_input(n)) for n, l in layers.items()]
             for i in range(0, len(shard), micro):
                 b = {k: v.to(device) for k, v in collate(shard[i:i + micro], pad_id).items()}
+                n_b = sum(e.n_targets for e in shard[i:i + micro])
+                if reduction == "batch_mean" and not n_b:  # its mean loss is 0/0; left out (and not counted)
+                    bar.update(len(shard[i:i + micro]))
+                    continue
                 state["mask"] = b["attention_mask"].reshape(-1).bool()
                 state["inputs"] = {}
                 tokens_seen += state["mask"].sum()
                 with (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                       else contextlib.nullcontext()):
                     loss = loss_sum(model, b)
-                loss.backward()
+                (loss / n_b if reduction == "batch_mean" else loss).backward()
                 state["inputs"] = {}
                 bar.update(len(shard[i:i + micro]))
     finally:
         for h in handles:
             h.remove()
         bar.close()
+    denominator = total_targets if reduction == "token_mean" else _count_batches(samples, world, micro)
     for name in grads:
-        grads[name] = _sum_over_processes(grads[name], accelerator, device) / total_targets
+        grads[name] = _sum_over_processes(grads[name], accelerator, device) / denominator
     if second_moments:
         tokens = float(_sum_over_processes(tokens_seen, accelerator, device))
         sigmas = [_sum_over_processes(s, accelerator, device) / tokens for s in sigmas]
     return grads, {n: sigmas[i] for n, i in sigma_of.items()}, total_targets
+
+
+def _count_batches(samples: list[Example], world: int, micro: int) -> int:
+    """The micro-batches with target tokens over all processes (each process knows every sample's shard)."""
+    shards = [samples[r::world] for r in range(world)]
+    return sum(1 for sh in shards for i in range(0, len(sh), micro) if sum(e.n_targets for e in sh[i:i + micro]))
 
 
 def _sum_over_processes(t: torch.Tensor, accelerator, device) -> torch.Tensor:
@@ -197,6 +215,7 @@ class GradientOptions(LoRAFactorInitOptions):
     damping: float = option(1e-3, ge=0)
     rank: str | None = option(None, choices=("auto",))
     energy: float = option(0.9, gt=0, le=1)
+    reduction: str = option("token_mean", choices=REDUCTIONS)
 
     def check(self, prefix: str) -> None:
         if self.rank == "auto" and self.direction != "LoRA-FA":
@@ -213,10 +232,14 @@ def _cache_key(ctx: InitContext, samples: list[Example], with_sigma: bool, align
     calibration tokens, the estimation dtype, whether Sigma is wanted and the teacher objective, if any."""
     fingerprint = [[n, float(l.base.weight.double().sum()), float(l.base.weight.double().norm())]
                    for n, l in sorted(ctx.layers.items())]
-    return stable_hash({"model": str(ctx.cfg.model.get("name")), "weights": fingerprint,
-                        "samples": stable_hash([[e.input_ids, e.labels] for e in samples], 32),
-                        "dtype": str(DTYPES[ctx.cfg.init.dtype]), "sigma": with_sigma, "v": ESTIMATE_VERSION,
-                        "align": aligner.cache_key() if aligner is not None else None})
+    key = {"model": str(ctx.cfg.model.get("name")), "weights": fingerprint,
+           "samples": stable_hash([[e.input_ids, e.labels] for e in samples], 32),
+           "dtype": str(DTYPES[ctx.cfg.init.dtype]), "sigma": with_sigma, "v": ESTIMATE_VERSION,
+           "align": aligner.cache_key() if aligner is not None else None}
+    ic, acc = ctx.cfg.init, ctx.accelerator
+    if ic.get("reduction", "token_mean") != "token_mean":  # only then (token_mean caches keep their keys): batch_mean's
+        key["reduction"] = [ic.reduction, int(ic.bsz), acc.num_processes if acc is not None else 1]  # G has bsz, world
+    return stable_hash(key)
 
 
 def _cache_path(cache: Any, key: str) -> Path | None:
@@ -251,7 +274,8 @@ def gradient_statistics(ctx: InitContext, with_sigma: bool) -> tuple[dict, dict,
     grads, sigmas, tokens = estimate_gradient(ctx.model, ctx.layers, samples, ctx.pad_id, int(ic.bsz), acc,
                                               second_moments=with_sigma, offload=bool(ic.get("offload")),
                                               autocast_dtype=DTYPES[ic.dtype],
-                                              loss_sum=aligner.objective_sum if aligner is not None else None)
+                                              loss_sum=aligner.objective_sum if aligner is not None else None,
+                                              reduction=ic.get("reduction", "token_mean"))
     if path is not None and (acc is None or acc.is_main_process):
         with atomic_file(path) as tmp:
             torch.save({"key": key, "grads": {k: v.cpu() for k, v in grads.items()},

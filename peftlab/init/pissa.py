@@ -16,6 +16,8 @@ from .svd import top_r_svd
 @torch.no_grad()
 def pissa_factors(W: torch.Tensor, r: int, scaling: float, niter: int | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    if r > min(W.shape):  # the SVD has only min(out, in) triplets; copying fewer rows into r would broadcast
+        raise ValueError(f"PiSSA needs lora_r <= min(out, in); the weight is {tuple(W.shape)}, r={r}")
     U, S, Vh = top_r_svd(W, r, niter)
     root = (S / scaling).sqrt()
     return root[:, None] * Vh, U * root
@@ -25,7 +27,12 @@ def pissa_factors(W: torch.Tensor, r: int, scaling: float, niter: int | None = N
 def run(ctx: InitContext) -> dict:
     niter = ctx.cfg.init.get("niter")
     t0 = time.perf_counter()
-    for layer in lora_factor_layers(ctx, "pissa").values():
+    layers = lora_factor_layers(ctx, "pissa")
+    for name, layer in layers.items():  # all checked before any layer changes
+        if layer.rank > min(layer.out_features, layer.in_features):
+            raise ValueError(f"PiSSA needs lora_r <= min(out, in); {name} is "
+                             f"{(layer.out_features, layer.in_features)}, r={layer.rank}")
+    for layer in layers.values():
         A, B = pissa_factors(base_weight_out_in(layer.base), layer.rank, layer.scaling, niter)
         layer.lora_A.copy_(A)
         layer.lora_B.copy_(B)

@@ -191,8 +191,11 @@ def gauge_project_model(model: nn.Module | None, mu: Any = "auto", eps: float = 
         nB = mu_l * GB.diagonal(dim1=-2, dim2=-1).sum(-1)  # mu ||B||_F^2
         imb.append(torch.linalg.matrix_norm(GA - mu_l[:, None, None] * GB) / torch.linalg.matrix_norm(GA).clamp(
             min=1e-30))
-        # the guard: a factor near 0 against the other would drag both to ~0 and starve the gradients
-        active = ((nB >= guard * nA) & (nA >= guard * nB) & (nA + nB > 0)).tolist()
+        # the guard: a factor near 0 against the other would drag both to ~0 and starve the gradients. At eps = 0 a
+        # zero factor has no balancing gauge at all (S = 0, R^-1 infinite: NaN factors), so it is skipped even
+        # unguarded; with eps > 0 the eps I terms keep R finite.
+        nonzero = (nA > 0) & (nB > 0) if not eps else (nA + nB > 0)
+        active = ((nB >= guard * nA) & (nA >= guard * nB) & nonzero).tolist()
         n_all += len(active)
         if not any(active):
             continue
