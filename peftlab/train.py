@@ -29,6 +29,7 @@ from .export import save_merged, save_peft_adapter
 from .fsdp import average_gradients, shard_frozen_base, sharding_strategy
 from .init import InitContext, get_init
 from .models import load_model_and_tokenizer
+from .runinfo import save_run_config
 from .utils import atomic_dir, atomic_write_json, atomic_write_text, recover_dir
 
 CHECKPOINT = "checkpoint"
@@ -282,6 +283,8 @@ def _train(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(cfg)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    if main:  # what the eval and the report read back (data, prompt, wandb identity)
+        save_run_config(run_dir, cfg)
     if accelerator.distributed_type.name == "DEEPSPEED":
         raise ValueError("peftlab does not train under DeepSpeed; for a sharded base use FSDP (train.fsdp=full_shard "
                          "or conf/accelerate/fsdp.yaml), which keeps the adapters whole")
