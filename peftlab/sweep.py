@@ -62,16 +62,46 @@ def _check_compose(jobs: list[list[str]]) -> None:
                 raise ValueError(f"job {i} ({' '.join(job)}) does not compose: {e}") from None
 
 
+def override_keys(job: list[str]) -> list[str]:
+    """The key (or config group) each override sets, by Hydra's parser (`+`/`++`/`~` dropped)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return [o.key_or_group for o in OverridesParser.create().parse_overrides(list(job))]
+
+
+def run_name(job: list[str], jobs: list[list[str]]) -> str:
+    """A short wandb name for one job of a sweep: its overrides of the keys whose value differs between the jobs
+    (what every run shares says nothing about the run; hydra.* and wandb.* never go in). A one-job sweep, or a sweep
+    whose jobs are all alike, is named by all its overrides."""
+    per_job = [dict(zip(override_keys(j), j)) for j in jobs]
+    keys = list(dict.fromkeys(k for d in per_job for k in d))
+    varying = {k for k in keys if len({d.get(k) for d in per_job}) > 1}
+    mine = dict(zip(override_keys(job), job))
+    named = [o for k, o in mine.items() if not k.startswith(("hydra.", "wandb."))]
+    short = [mine[k] for k in mine if k in varying and not k.startswith(("hydra.", "wandb."))]
+    return ",".join(short or named) or "default"
+
+
 def to_line(job: list[str]) -> str:
     return " ".join(shlex.quote(o) for o in job)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m peftlab.sweep", description=__doc__.split("\n\n")[0])
-    ap.add_argument("overrides", nargs="+", help="Hydra overrides, sweeps included: seed=1,2,3 'init.iters=8,16'")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides, sweeps included: seed=1,2,3 'init.iters=8,16'")
     ap.add_argument("-o", "--output", help="sweep file to write (default: print the lines)")
     ap.add_argument("--no-check", action="store_true", help="skip composing each job's config")
+    ap.add_argument("--name-of", nargs=2, metavar=("SWEEP_FILE", "LINE"),
+                    help="print the wandb run name of line LINE (0-based) of a sweep file: its overrides that differ "
+                         "between the lines (slurm/array.sbatch uses it)")
     args = ap.parse_args(argv)
+    if args.name_of:
+        path, k = args.name_of
+        jobs = [shlex.split(line) for line in open(path).read().splitlines() if line.strip()]
+        print(run_name(jobs[int(k)], jobs))
+        return
+    if not args.overrides:
+        ap.error("give overrides (or --name-of)")
     try:
         jobs = expand(args.overrides, check=not args.no_check)
     except ValueError as e:

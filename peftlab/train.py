@@ -464,6 +464,8 @@ def _train(cfg: DictConfig) -> dict:
         if got_signal and state["step"] < total_steps:
             bar.close()
             log.close()
+            if wandb_run is not None:  # first: the requeue's SIGTERM would kill wandb-core before it wrote the run
+                wandb_run.finish()
             requeued = main and requeue_slurm_job()
             print(f"peftlab: stop signal received; checkpoint saved at step {state['step']} in {ckpt_dir}"
                   f"{' and the job requeued' if requeued else ''}; continue with resume=true", flush=True)
