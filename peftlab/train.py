@@ -373,6 +373,9 @@ def _train(cfg: DictConfig) -> dict:
         t_seg[0] = time.time()
         save_checkpoint(run_dir, accelerator, model, optimizer, scheduler, state)
 
+    # loading/init time and segments, summed over requeue segments like state["wall_time_s"] (the loop's time)
+    state["setup_time_s"] = state.get("setup_time_s", 0.0) + time.time() - t_start
+    state["segments"] = state.get("segments", 0) + 1
     t_seg = [time.time()]
     if state["initial_eval_loss"] is None and eval_ex and eval_every:
         state["initial_eval_loss"] = state["last_eval_loss"] = evaluate(ddp_model, eval_ex, pad_id,
@@ -480,7 +483,8 @@ def _train(cfg: DictConfig) -> dict:
         "steps": state["step"], "epochs": m.epochs, "final_train_loss": state.get("last_train_loss"),
         "initial_eval_loss": state["initial_eval_loss"], "final_eval_loss": state["last_eval_loss"],
         "trainable_params": n_trainable, "train_time_s": round(state["wall_time_s"], 3),
-        "wall_time_s": round(time.time() - t_start, 3), "target_tokens": state["tokens"],
+        "wall_time_s": round(state["setup_time_s"] + state["wall_time_s"], 3), "segments": state["segments"],
+        "segment_wall_time_s": round(time.time() - t_start, 3), "target_tokens": state["tokens"],
         "target_tokens_per_s": round(state["tokens"] / max(state["wall_time_s"], 1e-9), 1),
         "processes": world, "seed": cfg.seed, "run_dir": str(run_dir),
     }

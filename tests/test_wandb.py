@@ -113,3 +113,7 @@ def test_stopped_and_requeued_run_holds_every_step_in_one_wandb_run(tmp_path):
             if k != "step":
                 assert logged[row["step"]][k] == pytest.approx(v, rel=1e-12), (row["step"], k)
     assert second["summary"]["steps"] == 30
+    # the run's time is both segments': loading and init of each, and the training loop of each
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["segments"] == 2
+    assert summary["wall_time_s"] > summary["segment_wall_time_s"] and summary["wall_time_s"] > summary["train_time_s"]
