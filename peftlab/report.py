@@ -358,10 +358,13 @@ def make_plots(runs: list[Run], keys: list[str], outdir: Path) -> list[str]:
     rank_runs = [(r, *geolora_rank_curve(r)) for r in runs if r.duplicate_of is None]
     rank_runs = [t for t in rank_runs if t[1]]
     if rank_runs:
+        groups = list(group_runs(runs, keys))
+        labels = dict(zip(groups, group_labels(groups, keys)))
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        for i, (r, steps, ranks) in enumerate(rank_runs):
-            st = group_style(i)
-            ax.plot(steps, ranks, label=f"{r.path.name} seed={r.seed}", color=st["color"], linestyle=st["linestyle"])
+        for j, (r, steps, ranks) in enumerate(rank_runs):
+            g = groups.index(group_key(r, keys))  # colour: the group (as in the loss plot); line style: the run
+            ax.plot(steps, ranks, label=f"{labels[groups[g]]} seed={r.seed}", color=group_style(g)["color"],
+                    linestyle=LINESTYLES[j % len(LINESTYLES)])
         ax.set_title("GeoLoRA total rank over training (one line per run)", fontsize=9)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("sum of layer ranks")
