@@ -207,6 +207,17 @@ def init_wandb(cfg: DictConfig, run_dir: Path):
                       resume="allow", id=_wandb_id(run_dir))
 
 
+def finish_wandb(wandb_run) -> None:
+    """Finish the run and wait for wandb-core to write all of it: run.finish() may return before the run file is
+    flushed (seen with wandb 0.31 for a second run in one process: 7 bytes on return), wandb.teardown() waits."""
+    if wandb_run is None:
+        return
+    import wandb
+
+    wandb_run.finish()
+    wandb.teardown()
+
+
 def _wandb_id(run_dir: Path) -> str:
     """One wandb run per run folder, so a resumed (requeued) run continues the same curve."""
     path = run_dir / "wandb_id.txt"
@@ -467,8 +478,7 @@ def _train(cfg: DictConfig) -> dict:
         if got_signal and state["step"] < total_steps:
             bar.close()
             log.close()
-            if wandb_run is not None:  # first: the requeue's SIGTERM would kill wandb-core before it wrote the run
-                wandb_run.finish()
+            finish_wandb(wandb_run)  # first: the requeue's SIGTERM would kill wandb-core before it wrote the run
             requeued = main and requeue_slurm_job()
             print(f"peftlab: stop signal received; checkpoint saved at step {state['step']} in {ckpt_dir}"
                   f"{' and the job requeued' if requeued else ''}; continue with resume=true", flush=True)
@@ -504,7 +514,7 @@ def _train(cfg: DictConfig) -> dict:
         log.close()
         if wandb_run is not None:
             wandb_run.summary.update({k: v for k, v in summary.items() if v is not None})
-            wandb_run.finish()
+            finish_wandb(wandb_run)
     accelerator.wait_for_everyone()
     return summary
 

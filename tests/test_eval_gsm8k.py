@@ -233,12 +233,14 @@ def test_wandb_summary(monkeypatch, base_run, capsys):
             calls["finished"] = True
 
     fake = types.SimpleNamespace(init=lambda **kw: calls.setdefault("init", kw) and Run(),
-                                 Table=lambda columns, data: ("table", columns, len(data)))
+                                 Table=lambda columns, data: ("table", columns, len(data)),
+                                 teardown=lambda: calls.setdefault("teardown", True))
     monkeypatch.setitem(sys.modules, "wandb", fake)
     a = parse_args(["--model", "x", "--wandb_project", "p", "--wandb_name", "n", "--wandb_mode", "offline"])
     log_wandb(a, res, rows)
     assert calls["init"]["project"] == "p" and calls["init"]["name"] == "n" and calls["init"]["mode"] == "offline"
     assert Run.summary["gsm8k/accuracy_flexible"] == res["accuracy_flexible"] and calls["finished"]
+    assert calls["teardown"] and "wandb logging failed" not in capsys.readouterr().out
     assert calls["log"]["gsm8k/predictions"][2] == len(rows) and calls["init"]["config"]["model"] == res["model"]
     fake.init = lambda **kw: 1 / 0  # a wandb outage warns; the results are on disk already
     log_wandb(a, res, rows)
@@ -413,3 +415,30 @@ def test_missing_adapter_base_is_named(tmp_path):
         main(["--run_dir", str(run)])
     # a hub-style name is left to the hub (it may be cached); --model overrides the recorded base
     assert resolve_source(parse_args(["--adapter", str(adapter), "--model", "org/name"]))["model"] == "org/name"
+
+
+@pytest.mark.slow
+def test_trained_run_folder_end_to_end(tmp_path, monkeypatch):
+    """A real run with merged/: the eval finds the run's data and prompt (no hub download) and joins its wandb run."""
+    import datasets
+
+    from peftlab.train import train
+    from test_config import compose_cfg
+    from wandb_files import run_files, summarize
+
+    cfg = compose_cfg(["model.epochs=1", "train.max_steps=3", "++dataset.eval_samples=16", "model.saving=true",
+                       "wandb.mode=offline", "wandb.project=proj", "wandb.group=grp", "wandb.name=r4",
+                       "++dataset.prompt='Problem: {query}\nSolution: '"])
+    cfg.run_dir = str(tmp_path / "run")
+    train(cfg)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail(f"hub dataset requested: {a}"))
+    res = main(["--run_dir", str(tmp_path / "run"), "--limit", "2", "--max_new_tokens", "4", "--wandb_mode",
+                "offline"])
+    assert res["model"] == str(tmp_path / "run/merged") and res["data"].endswith("test.jsonl")
+    assert res["prompt_template"] == "Problem: {question}\nSolution: "
+    train_id = (tmp_path / "run/wandb_id.txt").read_text().strip()
+    [trained] = run_files(tmp_path / "run/wandb", train_id)
+    [evaluated] = run_files(tmp_path / "run/eval/wandb")
+    t, e = summarize(trained), summarize(evaluated)
+    assert (e["project"], e["group"], e["name"]) == (t["project"], t["group"], t["name"]) == ("proj", "grp", "r4")
+    assert e["config"]["train_run_id"] == t["id"] == train_id and e["id"] != train_id

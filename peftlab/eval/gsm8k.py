@@ -451,6 +451,7 @@ def log_wandb(a, results: dict, rows: list[dict]) -> None:
         run.summary.update({f"gsm8k/{k}": v for k, v in numbers.items()})
         run.log({"gsm8k/predictions": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])})
         run.finish()
+        wandb.teardown()  # finish() may return before the run file is written; teardown waits for wandb-core
     except Exception as e:  # the results are on disk already; a wandb outage must not fail the evaluation
         print(f"eval_gsm8k: WARNING: wandb logging failed: {e!r}", flush=True)
 
