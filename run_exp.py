@@ -30,7 +30,10 @@ def _run_name(task: list[str], hc) -> str:
     from omegaconf import OmegaConf
 
     sweep = list(OmegaConf.load(sweep_file).hydra.overrides.task)
-    return run_name(task, expand(sweep, check=False))
+    try:
+        return run_name(task, expand(sweep, check=False, for_array=False))
+    except ValueError:  # a name must never stop a run: all of its overrides then
+        return run_name(task, [task])
 
 
 if __name__ == "__main__":

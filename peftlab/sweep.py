@@ -21,8 +21,9 @@ from .utils import atomic_write_text
 RESERVED = ("hydra.run.dir", "resume")
 
 
-def expand(overrides: list[str], check: bool = True) -> list[list[str]]:
-    """The override lists of every job of the sweep, in Hydra's job order."""
+def expand(overrides: list[str], check: bool = True, for_array: bool = True) -> list[list[str]]:
+    """The override lists of every job of the sweep, in Hydra's job order. ``for_array``: refuse what
+    slurm/array.sbatch sets per task (a `run_exp.py -m` sweep may give resume=true)."""
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra._internal.utils import create_config_search_path
@@ -38,7 +39,7 @@ def expand(overrides: list[str], check: bool = True) -> list[list[str]]:
         jobs = BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
     except HydraException as e:
         raise ValueError(f"cannot expand the sweep {overrides}: {e}") from None
-    for o in parsed:
+    for o in parsed if for_array else ():
         if o.key_or_group in RESERVED:
             raise ValueError(f"{o.key_or_group} is set per task by slurm/array.sbatch (a fixed run folder per task, "
                              f"resume=true so a requeued task continues); leave it out of the sweep")

@@ -62,7 +62,7 @@ runpy.run_path("run_exp.py", run_name="__main__")
 @pytest.mark.slow
 def test_multirun_names_are_the_differing_overrides(tmp_path):
     cmd = [sys.executable, "-c", STUB, "-m", "hydra/launcher=basic", f"hydra.sweep.dir={tmp_path}", "seed=1,2",
-           "model.lr=1e-3", "+peft=qv,qkvo"]
+           "model.lr=1e-3", "+peft=qv,qkvo", "resume=true"]  # resume=true: as the submitit README command gives it
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "WANDB_MODE": "disabled"})
     assert out.returncode == 0, out.stdout + out.stderr
