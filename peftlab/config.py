@@ -289,12 +289,14 @@ def load_run_config(run_dir: str | Path) -> DictConfig | None:
     if (run_dir / RESOLVED_CONFIG).is_file():
         return OmegaConf.load(run_dir / RESOLVED_CONFIG)
     hydra_cfg = run_dir / ".hydra" / "config.yaml"
-    if hydra_cfg.is_file():
-        raw = OmegaConf.load(hydra_cfg)
-        raw = OmegaConf.create({k: v for k, v in raw.items() if k not in ("run_dir",)})
-        raw.run_dir = str(run_dir)
+    if not hydra_cfg.is_file():
+        return None
+    raw = OmegaConf.load(hydra_cfg)
+    raw.run_dir = str(run_dir)  # was ${hydra:runtime.output_dir}, which only Hydra resolves
+    try:
         return resolve_config(raw)
-    return None
+    except ValueError:  # an older or partial config (e.g. a key since renamed): read it as it is
+        return raw
 
 
 def config_differences(old: DictConfig | dict, new: DictConfig | dict) -> list[str]:

@@ -21,8 +21,9 @@ from .utils import atomic_write_text
 RESERVED = ("hydra.run.dir", "resume")
 
 
-def expand(overrides: list[str], check: bool = True) -> list[list[str]]:
-    """The override lists of every job of the sweep, in Hydra's job order."""
+def expand(overrides: list[str], check: bool = True, for_array: bool = True) -> list[list[str]]:
+    """The override lists of every job of the sweep, in Hydra's job order. ``for_array``: refuse what
+    slurm/array.sbatch sets per task (a `run_exp.py -m` sweep may give resume=true)."""
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra._internal.utils import create_config_search_path
@@ -38,7 +39,7 @@ def expand(overrides: list[str], check: bool = True) -> list[list[str]]:
         jobs = BasicSweeper.split_arguments(parsed, max_batch_size=None)[0]
     except HydraException as e:
         raise ValueError(f"cannot expand the sweep {overrides}: {e}") from None
-    for o in parsed:
+    for o in parsed if for_array else ():
         if o.key_or_group in RESERVED:
             raise ValueError(f"{o.key_or_group} is set per task by slurm/array.sbatch (a fixed run folder per task, "
                              f"resume=true so a requeued task continues); leave it out of the sweep")
@@ -77,6 +78,26 @@ def check_lines(lines: list[str]) -> tuple[int, list[tuple[int, str]]]:
     return check_jobs([shlex.split(line) for line in lines if line.strip()])
 
 
+def override_keys(job: list[str]) -> list[str]:
+    """The key (or config group) each override sets, by Hydra's parser (`+`/`++`/`~` dropped)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return [o.key_or_group for o in OverridesParser.create().parse_overrides(list(job))]
+
+
+def run_name(job: list[str], jobs: list[list[str]]) -> str:
+    """A short wandb name for one job of a sweep: its overrides of the keys whose value differs between the jobs
+    (what every run shares says nothing about the run; hydra.* and wandb.* never go in). A one-job sweep, or a sweep
+    whose jobs are all alike, is named by all its overrides."""
+    per_job = [dict(zip(override_keys(j), j)) for j in jobs]
+    keys = list(dict.fromkeys(k for d in per_job for k in d))
+    varying = {k for k in keys if len({d.get(k) for d in per_job}) > 1}
+    mine = dict(zip(override_keys(job), job))
+    named = [o for k, o in mine.items() if not k.startswith(("hydra.", "wandb."))]
+    short = [mine[k] for k in mine if k in varying and not k.startswith(("hydra.", "wandb."))]
+    return ",".join(short or named) or "default"
+
+
 def to_line(job: list[str]) -> str:
     return " ".join(shlex.quote(o) for o in job)
 
@@ -88,6 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-check", action="store_true", help="skip validating each job's config")
     ap.add_argument("--check", metavar="SWEEP_FILE", help="validate every line of a sweep file (as each run would, "
                     "before loading anything) and exit non-zero naming the bad lines")
+    ap.add_argument("--name-of", nargs=2, metavar=("SWEEP_FILE", "LINE"),
+                    help="print the wandb run name of line LINE (0-based) of a sweep file: its overrides that differ "
+                         "between the lines (slurm/array.sbatch uses it)")
     args = ap.parse_args(argv)
     if args.check:
         from pathlib import Path
@@ -98,8 +122,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{args.check} line {i + 1}: {msg}", file=sys.stderr)
         print(f"{ok} of {len(lines)} lines valid", file=sys.stderr)
         sys.exit(1 if bad else 0)
+    if args.name_of:
+        path, k = args.name_of
+        jobs = [shlex.split(line) for line in open(path).read().splitlines() if line.strip()]
+        print(run_name(jobs[int(k)], jobs))
+        return
     if not args.overrides:
-        ap.error("give the sweep's overrides, or --check SWEEP_FILE")
+        ap.error("give the sweep's overrides, or --check SWEEP_FILE, or --name-of SWEEP_FILE LINE")
     try:
         jobs = expand(args.overrides, check=not args.no_check)
     except ValueError as e:

@@ -213,6 +213,17 @@ def init_wandb(cfg: DictConfig, run_dir: Path):
                       resume="allow", id=_wandb_id(run_dir))
 
 
+def finish_wandb(wandb_run) -> None:
+    """Finish the run and wait for wandb-core to write all of it: run.finish() may return before the run file is
+    flushed (seen with wandb 0.31 for a second run in one process: 7 bytes on return), wandb.teardown() waits."""
+    if wandb_run is None:
+        return
+    import wandb
+
+    wandb_run.finish()
+    wandb.teardown()
+
+
 def _wandb_id(run_dir: Path) -> str:
     """One wandb run per run folder, so a resumed (requeued) run continues the same curve."""
     path = run_dir / "wandb_id.txt"
@@ -545,6 +556,9 @@ def _setup_model(cfg, run_dir, accelerator, fsdp, ckpt, tokenizer, model_path, t
         log.truncate_after(state["step"])
     elif main:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    # loading/init time and segments, summed over requeue segments like state["wall_time_s"] (the loop's time)
+    state["setup_time_s"] = state.get("setup_time_s", 0.0) + time.time() - t_start
+    state["segments"] = state.get("segments", 0) + 1
     run = Run(cfg=cfg, run_dir=run_dir, accelerator=accelerator, model=model, ddp_model=ddp_model,
               tokenizer=tokenizer, model_path=model_path, spec=spec, options=options, optimizer=optimizer,
               scheduler=scheduler, train_ex=train_ex, eval_ex=eval_ex, aligner=aligner, fsdp=fsdp, state=state,
@@ -639,6 +653,8 @@ def after_step(run: Run, row: dict) -> bool:
     if (cfg.train.save_every and s % cfg.train.save_every == 0) or s == run.total_steps or got_signal:
         run.checkpoint()
     if got_signal and s < run.total_steps:
+        run.log.close()
+        finish_wandb(run.wandb_run)  # first: the requeue's SIGTERM would kill wandb-core before it wrote the run
         requeued = run.main and requeue_slurm_job()
         print(f"peftlab: stop signal received; checkpoint saved at step {s} in {run.ckpt_dir}"
               f"{' and the job requeued' if requeued else ''}; continue with resume=true", flush=True)
@@ -657,7 +673,8 @@ def finish(run: Run) -> dict:
         "steps": state["step"], "epochs": m.epochs, "final_train_loss": state.get("last_train_loss"),
         "initial_eval_loss": state["initial_eval_loss"], "final_eval_loss": state["last_eval_loss"],
         "trainable_params": run.n_trainable, "train_time_s": round(state["wall_time_s"], 3),
-        "wall_time_s": round(time.time() - run.t_start, 3), "target_tokens": state["tokens"],
+        "wall_time_s": round(state["setup_time_s"] + state["wall_time_s"], 3), "segments": state["segments"],
+        "segment_wall_time_s": round(time.time() - run.t_start, 3), "target_tokens": state["tokens"],
         "target_tokens_per_s": round(state["tokens"] / max(state["wall_time_s"], 1e-9), 1),
         "processes": run.accelerator.num_processes, "seed": cfg.seed, "run_dir": str(run.run_dir),
     }
@@ -675,9 +692,10 @@ def finish(run: Run) -> dict:
         line = summary_line(summary)
         atomic_write_text(run.run_dir / "summary.txt", line + "\n")
         print(line, flush=True)
+        run.log.close()
         if run.wandb_run is not None:
             run.wandb_run.summary.update({k: v for k, v in summary.items() if v is not None})
-            run.wandb_run.finish()
+            finish_wandb(run.wandb_run)
     run.accelerator.wait_for_everyone()
     return summary
 

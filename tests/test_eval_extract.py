@@ -20,6 +20,12 @@ CASES = [  # (generation, strict, flexible)
     ("#### .5", 0.5, 0.5),
     ("#### 12\n\nQ: Sam has 99 pens and 3 more", 12, 12),    # an answer followed by a runaway continuation
     ("The answer is 7.\n#### 8", 8, 8),                       # '####' outranks prose
+    # self-corrections: the last answer given wins
+    ("#### 7\nWait, I made a mistake: he had 8.\n#### 8", 8, 8),
+    ("The answer is 7.\nActually, I forgot one. The answer is 8.", 8, 8),
+    ("The answer is 8. Wait, no: 2 more came, so the answer is 10.", 10, 10),
+    ("Final answer: 5\n... on second thought\nFinal answer: 6", 6, 6),
+    ("\\boxed{5} is wrong, it is \\boxed{6}", 6, 6),
     # prose markers (MetaMath, Llama instruct, lm-eval CoT)
     ("The answer is: 18.", 18, 18),
     ("The answer is: 3.50", 3.5, 3.5),                        # decimals compare numerically
@@ -31,6 +37,27 @@ CASES = [  # (generation, strict, flexible)
     ("The answer is 3/4", 0.75, 0.75),                        # fractions
     ("The answer is 18 dollars and he saves 4 more.", 18, 18),  # a number inside units, then other numbers
     ("The answer is 5 + 3 = 8.", 8, 8),                       # an equation after the marker: its result
+    # the answer sentence goes on: a later number counts only when announced as a restatement / result
+    ("The final answer is 6 rows of 9 plus 4, i.e. 58", 58, 58),
+    ("The final answer is 6 rows of 9 plus 4, i.e. 58.", 58, 58),
+    ("The final answer is 6 rows of 9 plus 4, ie 58 chairs", 58, 58),
+    ("The answer is 3 * 4 = 12 apples.", 12, 12),
+    ("The answer is 12 - 5, which is 7.", 7, 7),
+    ("The answer is 4 boxes of 6, so 24 eggs.", 24, 24),
+    ("The answer is 2 dozen, that is 24.", 24, 24),
+    ("The answer is 10 + 5 + 3, for a total of 18.", 18, 18),
+    ("The answer is 1/2 of 30 = 15", 15, 15),
+    ("The answer is $12 per hour times 5 hours = $60.", 60, 60),
+    ("The answer is 2 times 9 plus 4 equals 22 marbles", 22, 22),
+    ("The answer is 1,000 i.e. 1000", 1000, 1000),
+    ("The final answer is: 12 - 4 = 8 cookies, and Sam keeps 2", 8, 8),
+    ("The answer is 42 (6 times 7).", 42, 42),                # a justification after the answer
+    ("The answer is 7 since he had 10 and gave 3 away.", 7, 7),
+    ("The answer is 9 because 12 - 3 = 9.", 9, 9),
+    ("The answer is 5 because 2 + 2 = 4 plus one.", 5, 5),
+    ("The answer is 3 hours and 20 minutes", 3, 3),           # the story goes on: the first number
+    ("The answer is 18. He then buys 2 more, so 20.", 18, 18),  # a new sentence is not the answer's
+    ("The answer is 3.5 e.g. for 7 halves", 3.5, 3.5),
     ("the answer is 1{,}000", 1000, 1000),                    # LaTeX thousands separators
     ("The answer is 1\\,000", 1000, 1000),
     ("The final answer is 42", 42, 42),
@@ -83,9 +110,23 @@ def test_strict_is_a_subset_of_flexible():
     ("So the total is 6+4=10.\nThe answer is: 10", 10),      # MetaMath's reference format
     ("72", 72),                                               # a bare number
     ("1,000", 1000),
+    (" 18. ", 18),
+    ("#### 7\n#### 8", 8),                                   # the last marker
+    ("So 5+3=8.\nThe answer is: 8", 8),
 ])
 def test_gold_answers(answer, gold):
     assert gold_answer(answer) == gold
+
+
+@pytest.mark.parametrize("answer", [
+    "He has 5 apples and eats 2, leaving 3.",  # free text: its first number (5) is not a gold answer
+    "The answer is 3 apples and 2 pears",       # not a bare number after the closing phrase
+    "",
+    "#### none",
+    "roughly 5",
+])
+def test_gold_answers_without_a_marker_are_refused(answer):
+    assert gold_answer(answer) is None
 
 
 def test_numbers_and_comparison():

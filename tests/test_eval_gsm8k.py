@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from peftlab.eval.gsm8k import (STOPS, fewshot_shots, generate, log_wandb, main, parse_args, plan_batches,
-                                prompt_template, resolve_format, resolve_source, truncate_at_stops)
+from peftlab.eval.gsm8k import (STOPS, apply_run_defaults, fewshot_shots, generate, log_wandb, main, parse_args,
+                                plan_batches, prompt_template, resolve_format, resolve_source, truncate_at_stops)
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT, NEW = 16, 40
@@ -233,12 +233,14 @@ def test_wandb_summary(monkeypatch, base_run, capsys):
             calls["finished"] = True
 
     fake = types.SimpleNamespace(init=lambda **kw: calls.setdefault("init", kw) and Run(),
-                                 Table=lambda columns, data: ("table", columns, len(data)))
+                                 Table=lambda columns, data: ("table", columns, len(data)),
+                                 teardown=lambda: calls.setdefault("teardown", True))
     monkeypatch.setitem(sys.modules, "wandb", fake)
     a = parse_args(["--model", "x", "--wandb_project", "p", "--wandb_name", "n", "--wandb_mode", "offline"])
     log_wandb(a, res, rows)
     assert calls["init"]["project"] == "p" and calls["init"]["name"] == "n" and calls["init"]["mode"] == "offline"
     assert Run.summary["gsm8k/accuracy_flexible"] == res["accuracy_flexible"] and calls["finished"]
+    assert calls["teardown"] and "wandb logging failed" not in capsys.readouterr().out
     assert calls["log"]["gsm8k/predictions"][2] == len(rows) and calls["init"]["config"]["model"] == res["model"]
     fake.init = lambda **kw: 1 / 0  # a wandb outage warns; the results are on disk already
     log_wandb(a, res, rows)
@@ -284,3 +286,159 @@ def test_two_processes_equal_one(tmp_path, test_file):
     r1, r2 = (json.loads((tmp_path / f"{n}/results.json").read_text()) for n in (1, 2))
     assert (r1["accuracy_strict"], r1["accuracy_flexible"]) == (r2["accuracy_strict"], r2["accuracy_flexible"])
     assert r1["processes"] == 1 and r2["processes"] == 2
+
+
+# ---- run folders: the eval inherits the run's data, prompt and wandb identity ------------------------------------------
+def write_resolved(run, **dataset):
+    """config.yaml as the trainer writes it, and .hydra/config.yaml as Hydra does (dataset: {} and
+    dataset_name: the group file names the data, so the dataset's path is not in it)."""
+    import yaml
+
+    ds = {"name": "tiny", "path": "embedded:arith", "query_field": "question", "response_field": "answer",
+          "subset": None, "prompt": "Problem: {query}\nSolution: ", **dataset}
+    cfg = {"model": {"name": "embedded:tiny-llama", "dtype": "float32"}, "dataset": ds,
+           "wandb": {"project": "proj", "group": "grp", "name": "seed=1", "entity": None, "mode": "offline"}}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (run / ".hydra").mkdir(exist_ok=True)
+    (run / ".hydra/config.yaml").write_text("run_dir: ${hydra:runtime.output_dir}\ndataset_name: tiny\ndataset: {}\n")
+    (run / "wandb_id.txt").write_text("abcd1234\n")
+
+
+def test_run_with_merged_uses_its_own_data_prompt_and_wandb_identity(tmp_path, embedded_model_dir, monkeypatch):
+    import datasets
+
+    from wandb_files import run_files, summarize
+
+    def no_download(*a, **k):
+        raise AssertionError(f"tried to load a hub dataset: {a}")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_download)
+    run = tmp_path / "run"
+    make_run_folder(run, embedded_model_dir, merged=True)
+    write_resolved(run)
+    res = main(["--run_dir", str(run), "--limit", "2", "--max_new_tokens", "4", "--wandb_mode", "offline"])
+    assert res["model"] == str(run / "merged") and res["adapter"] is None
+    assert res["data"].endswith("test.jsonl") and res["prompt_template"] == "Problem: {question}\nSolution: "
+    assert res["output_dir"] == str(run / "eval")
+    [wb] = run_files(run / "eval" / "wandb")
+    seen = summarize(wb)
+    assert (seen["project"], seen["group"], seen["name"], seen["job_type"]) == ("proj", "grp", "seed=1", "eval")
+    assert seen["config"]["train_run_id"] == "abcd1234" and "train:abcd1234" in seen["tags"]
+    assert seen["summary"]["gsm8k/accuracy_flexible"] == res["accuracy_flexible"] and seen["exit_code"] == 0
+
+
+def fake_run_folder(run):
+    (run / "merged").mkdir(parents=True)
+    (run / "merged/config.json").write_text("{}")  # nothing is loaded: only the choices are checked
+    return run
+
+
+def run_choices(*argv):
+    a = parse_args(list(argv))
+    src = resolve_source(a)
+    apply_run_defaults(a, src)
+    return a
+
+
+def test_run_data_choices(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    # a run folder from before config.yaml: .hydra/config.yaml is resolved with conf/
+    for name, data, subset in (("tiny", "embedded", "main"), ("gsm8k", "openai/gsm8k", "socratic"),
+                               ("meta_math", "openai/gsm8k", "main")):
+        run = fake_run_folder(tmp_path / f"old_{name}")
+        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("config", overrides=[f"dataset_name={name}", "++dataset.prompt='P: {query}'",
+                                               *(["++dataset.subset=socratic"] if name == "gsm8k" else [])])
+        (run / ".hydra").mkdir()
+        (run / ".hydra/config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        a = run_choices("--run_dir", str(run))
+        assert (a.data, a.data_config, a.question_field, a.answer_field) == (data, subset, "question", "answer")
+        assert resolve_format(None, resolve_source(a)["run_cfg"]) == "P: {question}"  # the run's prompt
+    # a run on a local file: the test split beside it, the run's field names; flags the user gives win
+    run = fake_run_folder(tmp_path / "local")
+    write_resolved(run, name="mine", path=str(tmp_path / "data/train.jsonl"), query_field="q", response_field="a")
+    a = run_choices("--run_dir", str(run))
+    assert (a.data, a.question_field, a.answer_field) == (str(tmp_path / "data"), "q", "a")
+    assert a.wandb_project == "proj" and a.wandb_name == "seed=1" and a.train_wandb_id == "abcd1234"
+    a = run_choices("--run_dir", str(run), "--answer_field", "solution", "--wandb_project", "other")
+    assert (a.question_field, a.answer_field, a.wandb_project) == ("q", "solution", "other")
+    a = run_choices("--run_dir", str(run), "--data", "embedded")
+    assert (a.data, a.question_field) == ("embedded", "question")  # another data set: its own field defaults
+    a = run_choices("--model", "embedded:tiny-llama")  # no run: no identity to inherit
+    assert (a.data, a.wandb_project, a.wandb_group, a.train_wandb_id) == ("embedded", "peftlab-eval", None, None)
+
+
+def test_input_errors_name_the_file_line_and_row(tmp_path, embedded_data_dir):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match=f"{empty}: no predictions"):
+        main(["--score", str(empty)])
+    out = subprocess.run([sys.executable, str(ROOT / "eval_gsm8k.py"), "--score", str(empty)], capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2 and f"eval_gsm8k: error: {empty}: no predictions" in out.stderr
+    torn = tmp_path / "torn.jsonl"
+    torn.write_text(json.dumps({"index": 0, "answer": "#### 1", "generation": "1"}) + '\n{"index": 1, "answ\n')
+    with pytest.raises(ValueError, match=f"{torn}:2: not valid JSON"):
+        main(["--score", str(torn)])
+    rows = read_jsonl(embedded_data_dir / "test.jsonl")[:3]
+    bad_data = tmp_path / "data.jsonl"
+    bad_data.write_text("".join(json.dumps(r) + "\n" for r in rows) + "[1, 2]\n")
+    with pytest.raises(ValueError, match=f"{bad_data}:4: expected a JSON object"):
+        main(["--model", "embedded:tiny-llama", "--data", str(bad_data)])
+    rows[1]["answer"] = "He has 5 apples and eats 2, leaving 3."
+    no_marker = tmp_path / "no_marker.jsonl"
+    no_marker.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=f"{no_marker}: row 1: the gold answer .*has no '#### N' marker"):
+        main(["--model", "embedded:tiny-llama", "--data", str(no_marker)])
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text(json.dumps({"index": 0, "answer": "#### 4", "generation": "4"}) + "\n" +
+                     json.dumps({"index": 7, "answer": "about 4 or 5", "generation": "4"}) + "\n")
+    with pytest.raises(ValueError, match=rf"{preds}: row 1 \(index 7\): no gold answer"):
+        main(["--score", str(preds)])
+
+
+def test_missing_adapter_base_is_named(tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/gone/models/llama-7b",
+                                                             "peft_type": "LORA"}))
+    with pytest.raises(FileNotFoundError, match=r"base model /gone/models/llama-7b \(base_model_name_or_path in "
+                                                r".*adapter_config.json\) does not exist on this machine; give --model"):
+        main(["--adapter", str(adapter)])
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter/adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    (run / "config.yaml").write_text("model:\n  name: ./models/gone\n")
+    with pytest.raises(FileNotFoundError, match=r"base model ./models/gone \(model.name in the run's config"):
+        main(["--run_dir", str(run)])
+    # a hub-style name is left to the hub (it may be cached); --model overrides the recorded base
+    assert resolve_source(parse_args(["--adapter", str(adapter), "--model", "org/name"]))["model"] == "org/name"
+
+
+@pytest.mark.slow
+def test_trained_run_folder_end_to_end(tmp_path, monkeypatch):
+    """A real run with merged/: the eval finds the run's data and prompt (no hub download) and joins its wandb run."""
+    import datasets
+
+    from peftlab.train import train
+    from test_config import compose_cfg
+    from wandb_files import run_files, summarize
+
+    cfg = compose_cfg(["model.epochs=1", "train.max_steps=3", "++dataset.eval_samples=16", "model.saving=true",
+                       "wandb.mode=offline", "wandb.project=proj", "wandb.group=grp", "wandb.name=r4",
+                       "++dataset.prompt='Problem: {query}\nSolution: '"])
+    cfg.run_dir = str(tmp_path / "run")
+    train(cfg)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail(f"hub dataset requested: {a}"))
+    res = main(["--run_dir", str(tmp_path / "run"), "--limit", "2", "--max_new_tokens", "4", "--wandb_mode",
+                "offline"])
+    assert res["model"] == str(tmp_path / "run/merged") and res["data"].endswith("test.jsonl")
+    assert res["prompt_template"] == "Problem: {question}\nSolution: "
+    train_id = (tmp_path / "run/wandb_id.txt").read_text().strip()
+    [trained] = run_files(tmp_path / "run/wandb", train_id)
+    [evaluated] = run_files(tmp_path / "run/eval/wandb")
+    t, e = summarize(trained), summarize(evaluated)
+    assert (e["project"], e["group"], e["name"]) == (t["project"], t["group"], t["name"]) == ("proj", "grp", "r4")
+    assert e["config"]["train_run_id"] == t["id"] == train_id and e["id"] != train_id

@@ -143,3 +143,72 @@ def test_report_numbers_are_the_run_folders(tmp_path):
 def test_report_fails_clearly_without_run_folders(tmp_path):
     with pytest.raises(ValueError, match="no run folder"):
         report([tmp_path], tmp_path / "rep")
+
+
+def test_plots_are_paper_ready(tmp_path):
+    """Labelled axes, a mean line with a ± 1 sample std band over seeds, the legend outside the panels, labels of
+    only what differs between groups, and no two groups drawn alike past 10 groups."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.collections import PolyCollection
+
+    from peftlab.report import group_style, load_run, loss_figure, varying_keys
+
+    sweep = tmp_path / "multirun"
+    k = 0
+    for r in range(1, 13):  # 12 groups of 2 seeds; method and init the same everywhere
+        for seed in (1, 2):
+            fake_run(sweep / str(k), ["+init=pissa", f"++peft.lora_r={r}", f"seed={seed}", "model.lr=1e-3"], seed, r)
+            k += 1
+    runs = [load_run(sweep / str(i)) for i in range(k)]
+    keys = varying_keys(runs)
+    fig = loss_figure(runs, keys)
+    train_ax, eval_ax = fig.axes
+    for ax in (train_ax, eval_ax):
+        assert ax.get_xlabel() == "optimizer step" and "loss" in ax.get_ylabel() and "std" in ax.get_title()
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == [f"peft.lora_r={r} (n=2)" for r in range(1, 13)]  # no method/init/lr: they are shared
+    fig.canvas.draw()
+    legend_box = fig.legends[0].get_window_extent()
+    assert legend_box.x0 >= eval_ax.get_window_extent().x1  # outside, right of the eval panel
+    styles = {(l.get_color(), l.get_linestyle(), l.get_marker()) for l in train_ax.lines}
+    assert len(styles) == 12
+    assert len({(group_style(i)["color"], group_style(i)["linestyle"]) for i in range(40)}) == 40
+    # the first group's line is the mean of its two seeds and its band the sample std, step by step
+    seeds = [[row["train/loss"] for row in runs[i].metrics] for i in (0, 1)]
+    np.testing.assert_allclose(train_ax.lines[0].get_ydata(), np.mean(seeds, axis=0), rtol=1e-12)
+    band = [c for c in train_ax.collections if isinstance(c, PolyCollection)][0]
+    ys = band.get_paths()[0].vertices[:, 1]
+    lo, hi = np.mean(seeds, 0) - np.std(seeds, 0, ddof=1), np.mean(seeds, 0) + np.std(seeds, 0, ddof=1)
+    assert ys.min() == pytest.approx(lo.min()) and ys.max() == pytest.approx(hi.max())
+    matplotlib.pyplot.close(fig)
+
+
+def test_duplicate_seeds_count_once_and_wall_time_spans_segments(tmp_path):
+    sweep = tmp_path / "multirun"
+    for k, seed in enumerate((1, 2, 1)):  # job 2 repeats seed 1 (a copied folder, a re-run)
+        fake_run(sweep / str(k), ["+init=pissa", f"seed={seed}"], seed, 4)
+    fake_run(sweep / "3", ["+init=pissa", "seed=3"], 3, 4, finished=False)
+    summaries = {k: json.loads((sweep / str(k) / "summary.json").read_text()) for k in range(3)}
+    # job 0 ran in two requeue segments (the trainer sums them: "segments" present); job 1 is an old summary holding
+    # only its last segment's wall time, while train_time_s (always summed) is larger
+    summaries[0].update(segments=2, wall_time_s=100.0, segment_wall_time_s=40.0, train_time_s=90.0)
+    summaries[1].update(wall_time_s=30.0, train_time_s=70.0)
+    for k, s in summaries.items():
+        (sweep / str(k) / "summary.json").write_text(json.dumps(s))
+    (sweep / "3/checkpoint").mkdir()
+    (sweep / "3/checkpoint/trainer_state.json").write_text(json.dumps({"setup_time_s": 5.0, "wall_time_s": 20.0}))
+    (sweep / "3/.hydra/config.yaml").write_text(yaml.safe_dump({"seed": 3, "method": {"name": "lora"},
+                                                                "init": {"name": "pissa"}}))
+    out = report([sweep], tmp_path / "rep")
+    [g] = out["groups"]
+    assert g["n"] == 3 and g["seeds"] == "1 2 3" and g["duplicate_seeds"] == 1 and g["unfinished"] == 1
+    runs = {Path(r["run_dir"]).name: r for r in out["runs"]}
+    assert runs["2"]["status"] == f"duplicate seed of {sweep / '0'} (not counted)"
+    counted = [runs[k]["final_eval_loss"] for k in "013"]
+    assert g["final_eval_loss_mean"] == pytest.approx(np.mean(counted), rel=1e-12)
+    assert g["final_eval_loss_std"] == pytest.approx(np.std(counted, ddof=1), rel=1e-12)
+    assert [runs[k]["wall_time_s"] for k in "0123"] == [100.0, 70.0, summaries[2]["wall_time_s"], 25.0]
+    assert g["wall_time_s_mean"] == pytest.approx(np.mean([100.0, 70.0, 25.0]))
+    assert "1 run(s) repeat a seed of their group and are not counted" in out["markdown"]

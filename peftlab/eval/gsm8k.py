@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..models import load_tokenizer, resolve_model_path, torch_dtype
+from ..runinfo import load_run_config, wandb_identity
 from ..utils import atomic_write_json, atomic_write_text
 from .extract import extract_flexible, extract_strict, gold_answer, same_number
 
@@ -71,13 +72,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--trust_remote_code", action="store_true")
     d = p.add_argument_group("data")
     d.add_argument("--data", default=None, help="hub dataset (config --data_config), a local .jsonl/.json/.parquet, a "
-                                                "folder with <split>.jsonl, or 'embedded'; default: the embedded test "
-                                                "set for embedded models/runs, else openai/gsm8k")
-    d.add_argument("--data_config", default="main")
+                                                "folder with <split>.jsonl, or 'embedded'; default: a run's own data "
+                                                "(its test split), the embedded test set for embedded models, else "
+                                                "openai/gsm8k")
+    d.add_argument("--data_config", default=None, help="default: main (the run's dataset.subset for a run's own data)")
     d.add_argument("--split", default="test")
     d.add_argument("--limit", type=int, default=None, help="score the first N examples")
-    d.add_argument("--question_field", default="question")
-    d.add_argument("--answer_field", default="answer")
+    d.add_argument("--question_field", default=None, help="default: question (a run's own data: its query_field)")
+    d.add_argument("--answer_field", default=None, help="default: answer (a run's own data: its response_field)")
     g = p.add_argument_group("generation")
     g.add_argument("--batch_size", type=int, default=16)
     g.add_argument("--max_new_tokens", type=int, default=256)
@@ -94,12 +96,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     o = p.add_argument_group("output")
     o.add_argument("--output_dir", default=None, help="default: <run_dir>/eval, else eval_out/<time>")
     o.add_argument("--score", default=None, help="re-score a predictions .jsonl (or its folder); no generation")
-    o.add_argument("--wandb_project", default="peftlab-eval")
+    o.add_argument("--wandb_project", default=None, help="default: the run's wandb.project, else peftlab-eval; "
+                                                        "likewise name, entity, group and mode")
     o.add_argument("--wandb_name", default=None)
     o.add_argument("--wandb_entity", default=None)
     o.add_argument("--wandb_group", default=None)
-    o.add_argument("--wandb_mode", default=os.environ.get("WANDB_MODE", "offline"),
-                   choices=["online", "offline", "disabled"])
+    o.add_argument("--wandb_mode", default=os.environ.get("WANDB_MODE"), choices=["online", "offline", "disabled"])
     a = p.parse_args(argv)
     if not a.score and not (a.model or a.run_dir or a.adapter):
         p.error("give --model (optionally with --adapter), --adapter, --run_dir, or --score FILE")
@@ -116,7 +118,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--temperature must be >= 0 and --top_p in (0, 1]")
     if a.stop is not None:
         a.stop = [s.replace("\\n", "\n").replace("\\t", "\t") for s in a.stop]
+    a.given = {k for k, v in DATA_DEFAULTS.items() if getattr(a, k) is not None}  # a run's own data fills the rest
+    for k, v in DATA_DEFAULTS.items():
+        setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
     return a
+
+
+DATA_DEFAULTS = {"data_config": "main", "question_field": "question", "answer_field": "answer"}
 
 
 # ---- data ---------------------------------------------------------------------------------------------------------
@@ -157,7 +165,23 @@ def read_rows(data: str, split: str, config: str | None) -> tuple[list[dict], st
     text = path.read_text()
     if path.suffix == ".json" and text.lstrip().startswith("["):
         return json.loads(text), str(path)
-    return [json.loads(line) for line in text.splitlines() if line.strip()], str(path)
+    return read_jsonl(path), str(path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The objects of a .jsonl file; a line that is not one JSON object fails naming the file and line."""
+    rows = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}): {line[:80]!r}") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object per line, got {type(row).__name__}")
+        rows.append(row)
+    return rows
 
 
 def load_examples(a) -> tuple[list[dict], str]:
@@ -167,7 +191,11 @@ def load_examples(a) -> tuple[list[dict], str]:
         if r.get(a.question_field) is None or r.get(a.answer_field) is None:
             raise ValueError(f"{source}: row {i} needs fields {a.question_field!r} and {a.answer_field!r} (see "
                              f"--question_field/--answer_field), found {sorted(r)}")
-        examples.append({"index": i, "question": str(r[a.question_field]), "answer": str(r[a.answer_field])})
+        answer = str(r[a.answer_field])
+        if gold_answer(answer) is None:  # refused now, before the model loads, not scored as a silent miss
+            raise ValueError(f"{source}: row {i}: the gold answer {answer[-80:]!r} has no '#### N' marker (nor is it a "
+                             f"bare number or MetaMath's closing 'The answer is: N'); fix the data or --answer_field")
+        examples.append({"index": i, "question": str(r[a.question_field]), "answer": answer})
     if not examples:
         raise ValueError(f"{source}: no examples")
     return examples, source
@@ -242,24 +270,34 @@ def resolve_source(a) -> dict:
         if not is_run_dir(rd):
             raise FileNotFoundError(f"--run_dir {rd} is not a finished peftlab run: it needs merged/config.json or "
                                     "adapter/adapter_config.json")
-        if (rd / ".hydra" / "config.yaml").is_file():
-            from omegaconf import OmegaConf
-
-            run_cfg = OmegaConf.load(rd / ".hydra" / "config.yaml")
+        run_cfg = load_run_config(rd)
         if (rd / "merged" / "config.json").is_file() and base is None:
             return {"model": str(rd / "merged"), "path": str(rd / "merged"), "adapter": None, "run_dir": str(rd),
                     "run_cfg": run_cfg}
         adapter = str(rd / "adapter")
-        base = base or _select(run_cfg, "model.name")  # portable (embedded:..., hub name), unlike a resolved path
+        if base is None and _select(run_cfg, "model.name"):  # portable (embedded:..., hub name), unlike a path
+            base = _select(run_cfg, "model.name")
+            _check_base(base, f"model.name in the run's config ({rd})")
     if adapter is not None:
         cfg_file = Path(adapter) / "adapter_config.json"
         if not cfg_file.is_file():
             raise FileNotFoundError(f"--adapter {adapter} has no adapter_config.json (a PEFT adapter folder)")
-        base = base or json.loads(cfg_file.read_text()).get("base_model_name_or_path")
-        if not base:
-            raise ValueError(f"{cfg_file} names no base_model_name_or_path; give --model")
+        if base is None:
+            base = json.loads(cfg_file.read_text()).get("base_model_name_or_path")
+            if not base:
+                raise ValueError(f"{cfg_file} names no base_model_name_or_path; give --model")
+            _check_base(base, f"base_model_name_or_path in {cfg_file}")
     return {"model": str(base), "path": resolve_model_path(str(base)), "adapter": adapter, "run_dir": run_dir,
             "run_cfg": run_cfg}
+
+
+def _check_base(base: str, where: str) -> None:
+    """A recorded base that is a local path and is gone: say so, instead of HF's error about an invalid repo id."""
+    if base.startswith("embedded:") or Path(base).expanduser().exists():
+        return
+    if base.startswith(("/", "./", "../", "~")) or base.count("/") > 1 or "\\" in base:  # not 'name' / 'org/name'
+        raise FileNotFoundError(f"the adapter's base model {base} ({where}) does not exist on this machine; give "
+                                "--model with the base's hub name or folder")
 
 
 def load_model(src: dict, a, device: torch.device):
@@ -348,12 +386,19 @@ def _num(v: float | None):
     return int(v) if v is not None and float(v).is_integer() and abs(v) < 2 ** 53 else v
 
 
-def score_rows(rows: list[dict]) -> dict:
-    """Fill each row's gold, extracted answers and correctness; return the accuracies."""
-    for r in rows:
+def score_rows(rows: list[dict], source: str = "predictions") -> dict:
+    """Fill each row's gold, extracted answers and correctness; return the accuracies. ``source`` names the rows
+    (a file) in errors."""
+    if not rows:
+        raise ValueError(f"{source}: no predictions to score")
+    for n, r in enumerate(rows):
+        where = f"{source}: row {n} (index {r.get('index')})"
         if "generation" not in r:
-            raise ValueError(f"prediction row {r.get('index')} has no 'generation' field")
+            raise ValueError(f"{where} has no 'generation' field")
         gold = gold_answer(str(r["answer"])) if r.get("answer") is not None else r.get("gold")
+        if gold is None:
+            raise ValueError(f"{where}: no gold answer: 'answer' {str(r.get('answer'))[-80:]!r} has no '#### N' "
+                             "marker (nor is it a bare number) and there is no 'gold' value")
         strict, flexible = extract_strict(r["generation"]), extract_flexible(r["generation"])
         r.update(gold=_num(gold), extracted_strict=_num(strict), extracted_flexible=_num(flexible),
                  correct_strict=same_number(strict, gold), correct_flexible=same_number(flexible, gold))
@@ -365,7 +410,6 @@ def score_rows(rows: list[dict]) -> dict:
         res.update({f"accuracy_{kind}": acc, f"correct_{kind}": k,
                     f"stderr_{kind}": math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else 0.0})
     res["no_strict_answer"] = sum(r["extracted_strict"] is None for r in rows)
-    res["gold_unparsed"] = sum(r["gold"] is None for r in rows)
     return res
 
 
@@ -386,26 +430,29 @@ def format_table(res: dict) -> str:
                             "changed vs file (flexible)", "{}")):
         if res.get(key) is not None:
             lines.append(f"| {label} | {fmt.format(res[key])} |")
-    if res.get("gold_unparsed"):
-        lines.append(f"| gold answers without a number (counted wrong) | {res['gold_unparsed']} |")
     return "\n".join(lines)
 
 
 def log_wandb(a, results: dict, rows: list[dict]) -> None:
     """The summary (gsm8k/<metric>) and a predictions table; rank 0 only."""
-    if a.wandb_mode == "disabled":
+    if (a.wandb_mode or "offline") == "disabled":
         return
     import wandb
 
     numbers = {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     cols = ["index", "question", "gold", "generation", "extracted_flexible", "correct_strict", "correct_flexible"]
     try:
+        train_id = getattr(a, "train_wandb_id", None)
+        config = {k: v for k, v in results.items() if k not in numbers or k in SETTINGS}
+        if train_id:  # the link to the training run: same group and name, and its id
+            config["train_run_id"] = train_id
         run = wandb.init(project=a.wandb_project, name=a.wandb_name, entity=a.wandb_entity, group=a.wandb_group,
-                         mode=a.wandb_mode, job_type="eval", dir=results.get("output_dir"),
-                         config={k: v for k, v in results.items() if k not in numbers or k in SETTINGS})
+                         mode=a.wandb_mode, job_type="eval", dir=results.get("output_dir"), config=config,
+                         tags=["eval", "gsm8k"] + ([f"train:{train_id}"] if train_id else []))
         run.summary.update({f"gsm8k/{k}": v for k, v in numbers.items()})
         run.log({"gsm8k/predictions": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])})
         run.finish()
+        wandb.teardown()  # finish() may return before the run file is written; teardown waits for wandb-core
     except Exception as e:  # the results are on disk already; a wandb outage must not fail the evaluation
         print(f"eval_gsm8k: WARNING: wandb logging failed: {e!r}", flush=True)
 
@@ -418,9 +465,9 @@ def rescore(a) -> dict:
     path = path / "predictions.jsonl" if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"--score {path} does not exist")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(path)
     before = [(r.get("correct_strict"), r.get("correct_flexible")) for r in rows]
-    scored = score_rows(rows)
+    scored = score_rows(rows, str(path))
     prev = path.parent / "results.json"  # the run's settings (model, data, format), when the file came from eval_gsm8k
     results = {k: v for k, v in (json.loads(prev.read_text()) if prev.is_file() else {}).items()
                if k.split("_")[0] not in ("accuracy", "correct", "stderr", "changed", "rescored")}
@@ -445,6 +492,40 @@ def default_data(src: dict) -> str:
     return "embedded" if ds_path.startswith("embedded:") or (not ds_path and embedded_model) else "openai/gsm8k"
 
 
+def run_data(run_cfg) -> dict:
+    """The eval data a run implies (flags the user gave win): the embedded task's test split, the test split beside a
+    local training file, or the run's GSM8K hub data and subset; a run trained on other hub data (MetaMathQA, ...)
+    is scored on openai/gsm8k. Fields follow the run's dataset.query_field/response_field for its own data."""
+    ds = _select(run_cfg, "dataset")
+    path = str(ds.get("path") or "") if ds is not None else ""
+    fields = ({"question_field": ds.get("query_field"), "answer_field": ds.get("response_field")}
+              if ds is not None else {})
+    if path.startswith("embedded:"):
+        return {"data": "embedded", **fields}
+    if Path(path).suffix.lower() in LOCAL_SUFFIXES:
+        return {"data": str(Path(path).parent), **fields}
+    if path and (path == "openai/gsm8k" or ds.get("name") == "gsm8k"):
+        return {"data": path, "data_config": ds.get("subset"), **fields}
+    return {}
+
+
+def apply_run_defaults(a, src: dict) -> None:
+    """Fill the data flags the user left out from the run (or the model), and the wandb identity from the run, so
+    the eval's wandb run sits beside the training run: same project, entity, group and name, job_type eval."""
+    if a.data is None:
+        for k, v in run_data(src["run_cfg"]).items():
+            if v is not None and k not in a.given:
+                setattr(a, k, v)
+    a.data = a.data or default_data(src)
+    ident = wandb_identity(src["run_dir"], src["run_cfg"]) if src["run_dir"] else {}
+    for k in ("project", "entity", "group", "name", "mode"):
+        if getattr(a, f"wandb_{k}") is None:
+            setattr(a, f"wandb_{k}", ident.get(k))
+    a.wandb_project = a.wandb_project or "peftlab-eval"
+    a.wandb_mode = a.wandb_mode or "offline"
+    a.train_wandb_id = ident.get("id")
+
+
 def setup_distributed() -> tuple[int, int, torch.device, bool]:
     """(rank, world, device, whether we started the process group)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -461,13 +542,33 @@ def setup_distributed() -> tuple[int, int, torch.device, bool]:
     return rank, world, device, started
 
 
+def cli(argv=None) -> None:
+    """eval_gsm8k.py's entry: errors in the input become one line and exit status 2. Under torchrun every process
+    leaves with os._exit once its files are written: a C++ destructor in the interpreter's teardown aborted rank 1 in
+    1 of 11 finished two-process evals (issue 16; the same cure as tests/test_gradient_estimation.py's script)."""
+    import sys
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    code = 0
+    try:
+        main(argv)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"eval_gsm8k: error: {e}", file=sys.stderr, flush=True)
+        code = 2
+    if world > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def main(argv=None) -> dict:
     a = parse_args(argv)
     if a.score:
         return rescore(a)
     t0 = time.time()
     src = resolve_source(a)  # before the process group: a bad flag fails at once on every rank
-    a.data = a.data or default_data(src)
+    apply_run_defaults(a, src)
     fmt = resolve_format(a.prompt_format, src["run_cfg"])
     examples, data_desc = load_examples(a)
     shots, shot_source = fewshot_shots(a) if fmt == "fewshot" else ([], None)
