@@ -12,13 +12,18 @@ fields. `init.weight` is the seed's old name of `init.scale`.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from .adapters import get_method
+from .align import ALIGNS
+from .init import get_init
 from .schema import ConfigError, build, fail, option
+from .utils import atomic_write_text
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DEFAULT_CHOICES = {"init": "default", "peft": "qv", "align": "none"}
@@ -88,8 +93,6 @@ class PeftConfig:
         if isinstance(t, list) and (not t or any(not p.strip() for p in t)):
             fail(f"{prefix}.lora_target_modules", t, "must be a non-empty list of module names, a regex or null")
         if isinstance(t, str):
-            import re
-
             try:
                 re.compile(t)
             except re.error as e:
@@ -185,10 +188,6 @@ def resolve_config(cfg: DictConfig | dict) -> DictConfig:
     """The resolved, checked, read-only run config; raises ConfigError naming the key, the value and what is allowed.
 
     Reads only the conf/ files: no model, tokenizer or data."""
-    from .adapters import get_method
-    from .align import ALIGNS
-    from .init import get_init
-
     raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     known = {f for f in RunConfig.__dataclass_fields__}
     unknown = sorted(set(raw) - known - {"hydra"})
@@ -270,14 +269,10 @@ def _refuse_foreign_keys(group: str, choice: str, given: dict, options_type: typ
 
 def method_options(cfg: DictConfig):
     """The method's typed options (its ``MethodSpec.options`` dataclass) from a resolved config."""
-    from .adapters import get_method
-
     return build(get_method(cfg.method.name).options, cfg.method, "method", cfg.method.name)
 
 
 def save_resolved(cfg: DictConfig, run_dir: Path) -> Path:
-    from .utils import atomic_write_text
-
     path = Path(run_dir) / RESOLVED_CONFIG
     atomic_write_text(path, OmegaConf.to_yaml(cfg))
     return path

@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from .adapters import apply_adapters
-from .adapters.geolora import DEFAULTS, GeoLoRALinear, geolora_options, make_geolora_optimizer, rank_metrics
+from .adapters.geolora import GEOLORA, DEFAULTS, GeoLoRALinear, geolora_options, make_geolora_optimizer, rank_metrics
+from .optim.step import NonFiniteError, optimizer_step
 from .plots import plot_rank_evolution
 from .utils import atomic_write_text
 
@@ -109,6 +110,7 @@ class GeoLoRATrainer:
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.log_every = log_every
         self.optimizer = model.make_optimizer()
+        self.options = GEOLORA.parse(self.config.method_cfg())
 
     def train(self, train_loader, val_loader=None, num_epochs: int = 1) -> dict:
         h = {"step": [], "train_loss": [], "total_rank": [], "trainable_params": [],
@@ -120,17 +122,16 @@ class GeoLoRATrainer:
             losses = []
             for batch in train_loader:
                 loss = self.loss_fn(self.model, batch)
-                if self.config.orthogonal_regularization:  # as the run_exp trainer (the method's extra_loss)
-                    loss = loss + self.config.orthogonal_regularization * sum(
-                        l.orthogonality_error() for l in self.model.geolora_layers.values())
+                extra = GEOLORA.extra_loss(self.model, self.options)  # as the run_exp trainer
+                if extra is not None:
+                    loss = loss + extra
                 value = float(loss.detach())
                 if not math.isfinite(value):
-                    raise FloatingPointError(f"loss is {value} at step {step + 1}; lower learning_rate")
+                    raise NonFiniteError(f"loss is {value} at step {step + 1}; lower learning_rate")
                 loss.backward()
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
                 step += 1
-                m = rank_metrics(self.model.geolora_layers)
+                _, m = optimizer_step(self.optimizer, spec=GEOLORA, model=self.model, options=self.options,
+                                      step=step)
                 h["step"].append(step)
                 h["train_loss"].append(value)
                 h["total_rank"].append(m["geolora/total_rank"])
