@@ -19,15 +19,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from .adapters import adapter_layers, apply_adapters, get_method, unwrap
 from .config import resolve_config
+from .data import batching
 from .data.datasets import Example, collate, train_eval_examples
 from .export import save_merged, save_peft_adapter
 from .fsdp import average_gradients, shard_frozen_base, sharding_strategy
 from .init import InitContext, get_init
+from .loss import loss_sum as answer_loss_sum
+from .loss import token_loss_sum  # noqa: F401  (imported from here by others)
 from .models import load_model_and_tokenizer
 from .utils import atomic_dir, atomic_write_json, atomic_write_text, recover_dir
 
@@ -46,12 +48,6 @@ def make_accelerator(cfg: DictConfig):
     on_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
     bf16 = bool(cfg.model.bf16) and not on_cpu and torch.cuda.is_bf16_supported()
     return Accelerator(cpu=on_cpu, mixed_precision="bf16" if bf16 else "no")
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over target tokens, in fp32."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
-                           reduction="sum")
 
 
 def lr_lambda(cfg: DictConfig, total_steps: int):
@@ -91,12 +87,6 @@ def global_batch(n_examples: int, batch: int, step: int, seed: int) -> list[int]
     epoch, k = divmod(step, per_epoch)
     perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     return perm[k * batch:(k + 1) * batch].tolist()
-
-
-def micro_batches(indices: list[int], per_device: int, rank: int, world: int) -> list[list[int]]:
-    """This process's micro-batches: chunk j of the global batch goes to process j % world."""
-    chunks = [indices[i:i + per_device] for i in range(0, len(indices), per_device)]
-    return chunks[rank::world]
 
 
 def rng_state() -> dict:
@@ -244,7 +234,7 @@ def requeue_slurm_job() -> bool:
 
 # ---- evaluation ------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model, examples: list[Example], pad_id: int, batch: int, accelerator) -> float:
+def evaluate(model, examples: list[Example], pad_id: int, batch: int, accelerator, chunk: int | None = 1024) -> float:
     """Mean token loss over the eval set, each process taking a strided shard."""
     model.eval()
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -255,9 +245,9 @@ def evaluate(model, examples: list[Example], pad_id: int, batch: int, accelerato
         part = shard[i:i + batch]
         b = {k: v.to(accelerator.device) for k, v in collate(part or examples[:1], pad_id).items()}
         with accelerator.autocast():
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            lsum, _ = answer_loss_sum(model, b, chunk)
         if part:
-            total[0] += token_loss_sum(logits, b["labels"]).double()
+            total[0] += lsum.double()
             total[1] += (b["labels"][:, 1:] != -100).sum()
     total = accelerator.reduce(total, reduction="sum")
     model.train()
@@ -293,6 +283,7 @@ def _train(cfg: DictConfig) -> dict:
         raise ValueError(f"model.real_batch_size {m.real_batch_size} / per_device_batch_size "
                          f"{m.per_device_batch_size} = {per_step_micro} micro-batches per step cannot be shared "
                          f"by {world} processes; make it a multiple of {world}")
+    batching.validate(cfg.train.get("micro_batch_order", "length"), m.get("max_tokens_per_micro_batch"))
     model, tokenizer, model_path = load_model_and_tokenizer(m)
     if any(p.is_meta for p in model.parameters()):
         raise ValueError("the model loaded with empty (meta) weights on this process, as accelerate's "
@@ -363,6 +354,7 @@ def _train(cfg: DictConfig) -> dict:
     elif main:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     pad_id = tokenizer.pad_token_id
+    chunk = int(cfg.train.get("loss_chunk_tokens", 1024) or 0)
     save_every = int(cfg.train.save_every or 0)
 
     def checkpoint():
@@ -373,7 +365,7 @@ def _train(cfg: DictConfig) -> dict:
     t_seg = [time.time()]
     if state["initial_eval_loss"] is None and eval_ex and eval_every:
         state["initial_eval_loss"] = state["last_eval_loss"] = evaluate(ddp_model, eval_ex, pad_id,
-                                                                         m.per_device_batch_size, accelerator)
+                                                                         m.per_device_batch_size, accelerator, chunk)
         log.log({"step": 0, "eval/loss": state["initial_eval_loss"], **init_metrics})
 
     from tqdm.auto import tqdm
@@ -386,19 +378,19 @@ def _train(cfg: DictConfig) -> dict:
         step = state["step"]
         indices = global_batch(len(train_ex), m.real_batch_size, step, cfg.seed)
         n_targets = sum(train_ex[i].n_targets for i in indices)  # known to every process: no communication
-        micros = micro_batches(indices, m.per_device_batch_size, rank, world)
+        micros = batching.micro_batches(train_ex, indices, m.per_device_batch_size, rank, world,
+                                        cfg.train.get("micro_batch_order", "length"), m.get("max_tokens_per_micro_batch"))
         loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
         align_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
         aligning = aligner is not None and aligner.active(step)
         extra_total = 0.0
-        for j, idx in enumerate(micros):
-            b = {k: v.to(accelerator.device) for k, v in collate([train_ex[i] for i in idx], pad_id).items()}
+        for j, part in enumerate(micros):
+            b = {k: v.to(accelerator.device) for k, v in collate(part, pad_id).items()}
             sync = j == len(micros) - 1
             with (accelerator.no_sync(ddp_model) if (world > 1 and not sync and not fsdp) else _null()):
                 with accelerator.autocast():
-                    out = ddp_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                    output_hidden_states=aligning and aligner.needs_hidden_states)
-                    lsum = token_loss_sum(out.logits, b["labels"])
+                    lsum, out = answer_loss_sum(ddp_model, b, 0 if aligning and aligner.target == "logits" else chunk,
+                                                output_hidden_states=aligning and aligner.needs_hidden_states)
                     total = lsum
                     if aligning:  # summed over the same answer tokens, so normalised like the task loss
                         asum = aligner.loss_sum(out, b)
@@ -449,7 +441,7 @@ def _train(cfg: DictConfig) -> dict:
                 row["train/align_loss"] = align_loss
         if eval_every and (state["step"] % eval_every == 0 or state["step"] == total_steps) and eval_ex:
             state["last_eval_loss"] = row["eval/loss"] = evaluate(ddp_model, eval_ex, pad_id,
-                                                                  m.per_device_batch_size, accelerator)
+                                                                  m.per_device_batch_size, accelerator, chunk)
         if state["step"] % cfg.train.log_every == 0 or "eval/loss" in row:
             log.log(row)
         state["last_train_loss"] = sum(recent) / len(recent)
