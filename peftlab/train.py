@@ -2,9 +2,10 @@
 
 The trainer knows no method: it calls the method's optimizer factory, extra loss and after-step hook.
 Batching: a global batch of ``model.real_batch_size`` examples per optimizer step, split into micro-batches of
-``model.per_device_batch_size`` over processes and accumulation steps. The loss is the mean token loss over the
-whole global batch (summed token losses / the global count of target tokens), so the gradient is the same for any
-split of the batch over processes and micro-batches.
+``model.per_device_batch_size`` over processes and accumulation steps (cut after sorting by length, or packed to a
+token budget: data/batching.py). The loss is the mean token loss over the whole global batch (summed token losses /
+the global count of target tokens; peftlab/loss.py, chunked over answer positions), so the gradient is the same for
+any split of the batch over processes and micro-batches.
 """
 from __future__ import annotations
 
