@@ -150,7 +150,7 @@ def hf_worker(work: Path, n: int, group_by_length: bool, out: Path) -> dict:
         gradient_accumulation_steps=GLOBAL // PER_DEVICE, learning_rate=1e-3, weight_decay=0.0, warmup_steps=0,
         lr_scheduler_type="linear", max_grad_norm=1.0, logging_steps=1, save_strategy="no", eval_strategy="no",
         report_to="none", use_cpu=True, seed=42, remove_unused_columns=False, dataloader_num_workers=0,
-        disable_tqdm=True, group_by_length=group_by_length)
+        disable_tqdm=True, **grouping(group_by_length))
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=lambda xs: counter(
         [Example(x["input_ids"], x["labels"]) for x in xs], tok.pad_token_id))
     t = time.perf_counter()
@@ -160,6 +160,17 @@ def hf_worker(work: Path, n: int, group_by_length: bool, out: Path) -> dict:
     return {"loop_s": loop, "steps": trainer.state.global_step, "real_tokens": counter.real,
             "computed_tokens": counter.computed, "final_train_loss": statistics.mean(losses[-5:]),
             "peak_rss_mb": vm_hwm_mb()}
+
+
+def grouping(on: bool) -> dict:
+    """HF's length grouping: ``group_by_length`` until transformers 4.x, ``train_sampling_strategy`` since."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    if "train_sampling_strategy" in {f.name for f in dataclasses.fields(TrainingArguments)}:
+        return {"train_sampling_strategy": "group_by_length" if on else "random"}
+    return {"group_by_length": on}
 
 
 def memory_worker(chunk: int, vocab: int, hidden: int, seq: int) -> dict:
