@@ -6,8 +6,9 @@
    and a tail clipped at max_length (512). Same random Llama (embedded tokenizer, vocabulary 512), same tokenised
    examples, collate function, LoRA (every linear of the blocks, r 16, alpha 32, dropout 0), optimizer, schedule,
    global batch 32 = per_device 4 x 8 accumulation, and the same steps: one epoch, so every pipeline trains on the same
-   examples and real tokens. tokens/s = real (non-padding) tokens / training-loop seconds; padding fraction = padding
-   / computed tokens, counted from every collated micro-batch.
+   examples and real tokens. tokens/s = real (non-padding) tokens / seconds from the first collated micro-batch to
+   the end of training (wall clock, and CPU time of the 1-thread process: the steadier one on a shared machine);
+   padding fraction = padding / computed tokens, counted from every collated micro-batch.
 2. The final adapter of the sorted peftlab run against the arrival-order one (the gradient is the same; dropout 0).
 3. Peak memory of one training micro-batch (4 x 512, LoRA on every linear) at Llama-3's vocabulary (128,256):
    peftlab's chunked answer-token loss against the plain loss over full fp32 logits (train.loss_chunk_tokens=0),
@@ -99,16 +100,24 @@ def compose(over: list[str], run_dir: str):
 
 
 class Counting:
-    """Wraps a collate function: counts real and computed (padded) tokens of every micro-batch."""
+    """Wraps a collate function: counts real and computed (padded) tokens of every micro-batch, and notes the wall and
+    CPU clocks at the first one (the start of the training loop in both pipelines)."""
 
     def __init__(self, fn):
-        self.fn, self.real, self.computed = fn, 0, 0
+        self.fn, self.real, self.computed, self.start = fn, 0, 0, None
 
     def __call__(self, examples, pad_id):
+        if self.start is None:
+            self.start = (time.perf_counter(), time.process_time())
         b = self.fn(examples, pad_id)
         self.real += int(b["attention_mask"].sum())
         self.computed += b["input_ids"].numel()
         return b
+
+
+def loop_clocks(counter: Counting) -> dict:
+    """Wall and CPU seconds from the first collated micro-batch to now (the end of training, adapter saved)."""
+    return {"loop_s": time.perf_counter() - counter.start[0], "loop_cpu_s": time.process_time() - counter.start[1]}
 
 
 def vm_hwm_mb() -> float:
@@ -124,7 +133,7 @@ def peftlab_worker(work: Path, n: int, order: str, out: Path) -> dict:
     T.collate = counter  # the trainer's own micro-batches
     cfg = compose(overrides(work, n, order), str(out))
     s = T.train(cfg)
-    return {"loop_s": s["train_time_s"], "steps": s["steps"], "real_tokens": counter.real,
+    return {**loop_clocks(counter), "steps": s["steps"], "real_tokens": counter.real,
             "computed_tokens": counter.computed, "final_train_loss": s["final_train_loss"], "peak_rss_mb": vm_hwm_mb()}
 
 
@@ -153,11 +162,9 @@ def hf_worker(work: Path, n: int, group_by_length: bool, out: Path) -> dict:
         disable_tqdm=True, **grouping(group_by_length))
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=lambda xs: counter(
         [Example(x["input_ids"], x["labels"]) for x in xs], tok.pad_token_id))
-    t = time.perf_counter()
     trainer.train()
-    loop = time.perf_counter() - t
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"loop_s": loop, "steps": trainer.state.global_step, "real_tokens": counter.real,
+    return {**loop_clocks(counter), "steps": trainer.state.global_step, "real_tokens": counter.real,
             "computed_tokens": counter.computed, "final_train_loss": statistics.mean(losses[-5:]),
             "peak_rss_mb": vm_hwm_mb()}
 
@@ -261,17 +268,20 @@ def main():
                     args = ["hf", str(work), str(n), "1" if p.endswith("length") else "0", str(out)]
                 r = run_worker(args, a.threads)
                 r["tokens_per_s"] = r["real_tokens"] / r["loop_s"]
+                r["tokens_per_cpu_s"] = r["real_tokens"] / r["loop_cpu_s"]
                 r["padding_fraction"] = 1 - r["real_tokens"] / r["computed_tokens"]
                 runs[p].append(r)
-                print(f"bench_lengths: {p} rep {rep}: {r['tokens_per_s']:.0f} tokens/s, padding "
+                print(f"bench_lengths: {p} rep {rep}: {r['tokens_per_s']:.0f} tokens/s, {r['tokens_per_cpu_s']:.0f} "
+                      f"tokens/CPU-s, padding "
                       f"{r['padding_fraction']:.3f}, peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
         same = adapter_difference(work / "peftlab_arrival-0", work / "peftlab_sorted-0")
         memory = {}
         for chunk in (0, 1024):  # plain first, then chunked, each in its own process
             memory["plain" if chunk == 0 else "chunked"] = run_worker(["memory", str(chunk), "128256", str(hidden),
                                                                         str(MAX_LEN)], a.threads)
-    med = {p: {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "padding_fraction", "peak_rss_mb",
-                                                                "loop_s", "real_tokens", "computed_tokens")}
+    med = {p: {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "tokens_per_cpu_s", "padding_fraction",
+                                                                "peak_rss_mb", "loop_s", "loop_cpu_s", "real_tokens",
+                                                                "computed_tokens")}
            for p, rs in runs.items()}
 
     def ratio(p, q, key="tokens_per_s"):  # per repeat (side by side), then the spread
@@ -286,6 +296,12 @@ def main():
                  f"max_length {MAX_LEN}; prompts 40-140 tokens, responses log-normal median 200 clipped; one epoch of "
                  f"{n} examples",
         "median": med, "runs": runs,
+        "ratio_meaning": "per repeat (pipelines seconds apart), then median/min/max over repeats; tokens/CPU-s (real "
+                         "tokens per CPU second of the loop, 1 thread) is the steadier figure on a shared machine",
+        "peftlab_vs_hf_tokens_per_cpu_s": ratio("peftlab_sorted", "hf_trainer_peft", "tokens_per_cpu_s"),
+        "peftlab_vs_hf_group_by_length_tokens_per_cpu_s": ratio("peftlab_sorted", "hf_trainer_peft_group_by_length",
+                                                                "tokens_per_cpu_s"),
+        "sorted_vs_arrival_tokens_per_cpu_s": ratio("peftlab_sorted", "peftlab_arrival", "tokens_per_cpu_s"),
         "peftlab_vs_hf_tokens_per_s": ratio("peftlab_sorted", "hf_trainer_peft"),
         "peftlab_vs_hf_group_by_length_tokens_per_s": ratio("peftlab_sorted", "hf_trainer_peft_group_by_length"),
         "sorted_vs_arrival_tokens_per_s": ratio("peftlab_sorted", "peftlab_arrival"),
