@@ -380,7 +380,8 @@ def _train(cfg: DictConfig) -> dict:
         indices = global_batch(len(train_ex), m.real_batch_size, step, cfg.seed)
         n_targets = sum(train_ex[i].n_targets for i in indices)  # known to every process: no communication
         micros = batching.micro_batches(train_ex, indices, m.per_device_batch_size, rank, world,
-                                        cfg.train.get("micro_batch_order", "length"), m.get("max_tokens_per_micro_batch"))
+                                        cfg.train.get("micro_batch_order", "length"),
+                                        m.get("max_tokens_per_micro_batch"))
         loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
         align_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
         aligning = aligner is not None and aligner.active(step)

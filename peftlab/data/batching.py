@@ -16,7 +16,11 @@ with no target tokens, whose loss is exactly 0.
 """
 from __future__ import annotations
 
+from typing import Mapping, Sequence
+
 from .datasets import Example
+
+Lengths = Sequence[int] | Mapping[int, int]  # example index -> tokens
 
 ORDERS = ("length", "arrival")
 
@@ -28,12 +32,12 @@ def validate(order: str, max_tokens) -> None:
         raise ValueError(f"model.max_tokens_per_micro_batch must be null or an integer >= 1, got {max_tokens!r}")
 
 
-def by_length(indices: list[int], lengths: list[int]) -> list[int]:
+def by_length(indices: list[int], lengths: Lengths) -> list[int]:
     """Longest first; ties keep the sampled order (a stable sort), so the plan is the same on every process."""
     return sorted(indices, key=lambda i: -lengths[i])
 
 
-def pack(indices: list[int], lengths: list[int], max_tokens: int) -> list[list[int]]:
+def pack(indices: list[int], lengths: Lengths, max_tokens: int) -> list[list[int]]:
     """Greedy: walking longest first, a micro-batch takes the next example while (count + 1) x its longest stays
     within max_tokens (the first example is its longest)."""
     chunks: list[list[int]] = []
@@ -45,7 +49,7 @@ def pack(indices: list[int], lengths: list[int], max_tokens: int) -> list[list[i
     return chunks
 
 
-def plan(indices: list[int], lengths: list[int], per_device: int, world: int, order: str = "length",
+def plan(indices: list[int], lengths: Lengths, per_device: int, world: int, order: str = "length",
          max_tokens: int | None = None) -> list[list[list[int]]]:
     """Per process, its micro-batches as example indices; all processes get as many (an empty list is a stand-in)."""
     validate(order, max_tokens)
@@ -72,6 +76,6 @@ def micro_batches(examples: list[Example], indices: list[int], per_device: int, 
     return [[examples[i] for i in idx] if idx else [stand_in(examples[indices[0]])] for idx in mine]
 
 
-def padded_tokens(chunks: list[list[int]], lengths) -> int:
+def padded_tokens(chunks: list[list[int]], lengths: Lengths) -> int:
     """Tokens computed when each chunk is padded to its longest (the cost the orders differ in)."""
     return sum(len(c) * max(lengths[i] for i in c) for c in chunks if c)
