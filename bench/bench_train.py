@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from bench.common import interleaved_times, llama, write
 from peftlab.adapters import METHODS, apply_adapters, get_method
 from peftlab.config import CONF_DIR, load_group
+from peftlab.loss import loss_sum
 from peftlab.train import build_optimizer, token_loss_sum
 
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -55,9 +56,10 @@ def trained_looking_B(model) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
-def make_step(model, spec, cfg, batch, n_targets, autocast_dtype=None):
+def make_step(model, spec, cfg, batch, n_targets, autocast_dtype=None, chunk=0):
     """One trainer step (peftlab/train.py) of this model; the step counter feeds after_step. ``autocast_dtype``:
-    the forward under torch.autocast, as the trainer's bf16 mixed precision does (bench/gpu.py)."""
+    the forward under torch.autocast, as the trainer's bf16 mixed precision does (bench/gpu.py); ``chunk``: the
+    trainer's chunked answer-token loss (peftlab/loss.py) instead of the plain full-logits loss (0)."""
     import contextlib
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -70,8 +72,11 @@ def make_step(model, spec, cfg, batch, n_targets, autocast_dtype=None):
 
     def step():
         with (torch.autocast(device, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = token_loss_sum(logits, batch["labels"]) / n_targets
+            if chunk:
+                loss = loss_sum(model, batch, chunk)[0] / n_targets
+            else:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss = token_loss_sum(logits, batch["labels"]) / n_targets
             extra = spec.extra_loss(model, cfg.method) if spec is not None else None
             if extra is not None:
                 loss = loss + extra
@@ -86,8 +91,9 @@ def make_step(model, spec, cfg, batch, n_targets, autocast_dtype=None):
     return step, sum(p.numel() for p in params)
 
 
-def variants(base, targets: list[str], r: int, batch, n_targets, autocast_dtype=None):
-    """name -> (step function, trainable params); plus notes on methods that could not be built."""
+def variants(base, targets: list[str], r: int, batch, n_targets, autocast_dtype=None, chunk=0, methods=None):
+    """name -> (step function, trainable params); plus notes on methods that could not be built. ``methods``: the
+    peftlab methods to time (default: every registered one, each variant, and LoRA with precond_adamw)."""
     from peft import LoraConfig, get_peft_model
 
     out, notes = {}, {}
@@ -96,16 +102,18 @@ def variants(base, targets: list[str], r: int, batch, n_targets, autocast_dtype=
     trained_looking_B(pm)
     out["peft_lora"] = make_step(pm, None, run_cfg("lora", {}), batch, n_targets, autocast_dtype)
     get_method("lora")  # imports every method module that exists
-    for name in METHODS.names():
+    for name in methods or METHODS.names():
         for suffix, over in VARIANTS.get(name, {"": {}}).items():
             try:
                 cfg = run_cfg(name, over)
                 model = copy.deepcopy(base)
                 apply_adapters(model, peft_cfg(targets, r), cfg.method, name)
                 trained_looking_B(model)
-                out[name + suffix] = make_step(model, METHODS[name], cfg, batch, n_targets, autocast_dtype)
+                out[name + suffix] = make_step(model, METHODS[name], cfg, batch, n_targets, autocast_dtype, chunk)
             except Exception as e:  # a method still being written: note it, time the rest
                 notes[name + suffix] = f"skipped: {type(e).__name__}: {e}"
+    if methods:
+        return out, notes
     cfg = run_cfg("lora", {}, optimizer="precond_adamw")
     model = copy.deepcopy(base)
     apply_adapters(model, peft_cfg(targets, r), cfg.method, "lora")

@@ -210,7 +210,7 @@ class Aligner:
     def objective_sum(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         """task_sum + beta * align_sum of a micro-batch: the dual objective for a gradient init
         (``estimate_gradient(..., loss_sum=aligner.objective_sum)``)."""
-        from .train import token_loss_sum
+        from .loss import token_loss_sum
 
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     output_hidden_states=self.needs_hidden_states, use_cache=False)

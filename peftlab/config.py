@@ -49,6 +49,7 @@ class ModelConfig:
     warmup: float = option(0.03, ge=0, integral_above=1)  # a fraction of the steps (< 1) or a number of steps
     prec_reg: float = option(1e-6, ge=0)
     saving: bool = False                         # also save the merged model
+    max_tokens_per_micro_batch: int | None = option(None, ge=1)  # pack micro-batches to this padded-token budget
 
     def check(self, prefix: str) -> None:
         if self.real_batch_size % self.per_device_batch_size:
@@ -111,6 +112,8 @@ class TrainConfig:
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = option(1e-8, gt=0)
     fsdp: bool | str = option(False, choices=("full_shard", "shard_grad_op", "hybrid_shard"))
+    micro_batch_order: str = option("length", choices=("length", "arrival"))  # data/batching.py
+    loss_chunk_tokens: int = option(1024, ge=0)  # answer positions per chunk of the loss (0: the plain loss)
 
     def check(self, prefix: str) -> None:
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):

@@ -22,15 +22,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from .adapters import adapter_layers, apply_adapters, get_method, unwrap
 from .config import RESOLVED_CONFIG, config_differences, method_options, resolve_config, save_resolved
+from .data import batching
 from .data.datasets import DataError, Example, collate, train_eval_examples
 from .export import save_merged, save_peft_adapter
 from .fsdp import average_gradients, shard_frozen_base, sharding_strategy
 from .init import InitContext, get_init
+from .loss import loss_sum as answer_loss_sum
 from .models import load_model_and_tokenizer, load_tokenizer, resolve_model_path
 from .optim.step import NonFiniteError, optimizer_step, params_of
 from .schema import ConfigError
@@ -51,12 +52,6 @@ def make_accelerator(cfg: DictConfig):
     on_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
     bf16 = bool(cfg.model.bf16) and not on_cpu and torch.cuda.is_bf16_supported()
     return Accelerator(cpu=on_cpu, mixed_precision="bf16" if bf16 else "no")
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over target tokens, in fp32."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
-                           reduction="sum")
 
 
 def lr_lambda(cfg: DictConfig, total_steps: int):
@@ -97,12 +92,6 @@ def global_batch(n_examples: int, batch: int, step: int, seed: int) -> list[int]
     epoch, k = divmod(step, per_epoch)
     perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     return perm[k * batch:(k + 1) * batch].tolist()
-
-
-def micro_batches(indices: list[int], per_device: int, rank: int, world: int) -> list[list[int]]:
-    """This process's micro-batches: chunk j of the global batch goes to process j % world."""
-    chunks = [indices[i:i + per_device] for i in range(0, len(indices), per_device)]
-    return chunks[rank::world]
 
 
 def rng_state() -> dict:
@@ -262,7 +251,7 @@ def requeue_slurm_job() -> bool:
 
 # ---- evaluation ------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model, examples: list[Example], pad_id: int, batch: int, accelerator) -> float:
+def evaluate(model, examples: list[Example], pad_id: int, batch: int, accelerator, chunk: int = 1024) -> float:
     """Mean token loss over the eval set, each process taking a strided shard."""
     model.eval()
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -273,9 +262,9 @@ def evaluate(model, examples: list[Example], pad_id: int, batch: int, accelerato
         part = shard[i:i + batch]
         b = {k: v.to(accelerator.device) for k, v in collate(part or examples[:1], pad_id).items()}
         with accelerator.autocast():
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            lsum, _ = answer_loss_sum(model, b, chunk)
         if part:
-            total[0] += token_loss_sum(logits, b["labels"]).double()
+            total[0] += lsum.double()
             total[1] += (b["labels"][:, 1:] != -100).sum()
     total = accelerator.reduce(total, reduction="sum")
     model.train()
@@ -573,7 +562,7 @@ def _setup_model(cfg, run_dir, accelerator, fsdp, ckpt, tokenizer, model_path, t
 
 def run_eval(run: Run) -> float:
     return evaluate(run.ddp_model, run.eval_ex, run.tokenizer.pad_token_id, run.cfg.model.per_device_batch_size,
-                    run.accelerator)
+                    run.accelerator, run.cfg.train.loss_chunk_tokens)
 
 
 def train_step(run: Run) -> dict:
@@ -584,21 +573,23 @@ def train_step(run: Run) -> dict:
     step = run.state["step"]
     indices = global_batch(len(run.train_ex), cfg.model.real_batch_size, step, cfg.seed)
     n_targets = sum(run.train_ex[i].n_targets for i in indices)  # known to every process: no communication
-    micros = micro_batches(indices, cfg.model.per_device_batch_size, rank, world)
+    # sorted by length (or packed) before cutting: the same gradient, less padding (data/batching.py)
+    micros = batching.micro_batches(run.train_ex, indices, cfg.model.per_device_batch_size, rank, world,
+                                    cfg.train.micro_batch_order, cfg.model.max_tokens_per_micro_batch)
     loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
     align_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
     aligner = run.aligner
     aligning = aligner is not None and aligner.active(step)
     extra_total = 0.0
     pad_id = run.tokenizer.pad_token_id
-    for j, idx in enumerate(micros):
-        b = {k: v.to(acc.device) for k, v in collate([run.train_ex[i] for i in idx], pad_id).items()}
+    for j, part in enumerate(micros):
+        b = {k: v.to(acc.device) for k, v in collate(part, pad_id).items()}
         sync = j == len(micros) - 1
         with (acc.no_sync(run.ddp_model) if (world > 1 and not sync and not run.fsdp) else contextlib.nullcontext()):
             with acc.autocast():
-                out = run.ddp_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                    output_hidden_states=aligning and aligner.needs_hidden_states)
-                lsum = token_loss_sum(out.logits, b["labels"])
+                chunk = 0 if aligning and aligner.target == "logits" else cfg.train.loss_chunk_tokens
+                lsum, out = answer_loss_sum(run.ddp_model, b, chunk,
+                                            output_hidden_states=aligning and aligner.needs_hidden_states)
                 total = lsum
                 if aligning:  # summed over the same answer tokens, so normalised like the task loss
                     asum = aligner.loss_sum(out, b)

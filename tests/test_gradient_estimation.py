@@ -15,7 +15,7 @@ from peftlab.data.datasets import Example, collate
 from peftlab.init import InitContext
 from peftlab.init import gradient as gradient_init
 from peftlab.init.gradient import estimate_gradient, gradient_statistics
-from peftlab.train import token_loss_sum
+from peftlab.loss import token_loss_sum
 
 ROOT = Path(__file__).resolve().parents[1]
 QV = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.q_proj",

@@ -80,10 +80,9 @@ def _estimation_mode(model: torch.nn.Module, layers: dict[str, AdapterLayer]):
 
 
 def _token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    from ..train import token_loss_sum
+    from ..loss import loss_sum  # chunked: no full-vocabulary fp32 logits
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    return token_loss_sum(logits, batch["labels"])
+    return loss_sum(model, batch, use_cache=False)[0]
 
 
 def estimate_gradient(model: torch.nn.Module, layers: dict[str, AdapterLayer], samples: list[Example], pad_id: int,
