@@ -120,5 +120,6 @@ def test_gpt2_conv1d_targets_and_merge(tiny_gpt2_dir):
 
 
 def test_seed_api_apply_lora(tiny_llama):
-    layers = apply_lora(tiny_llama, {"lora_target_modules": ["q_proj"], "lora_r": 2, "lora_alpha": 4})
+    assert apply_lora(tiny_llama, {"lora_target_modules": ["q_proj"], "lora_r": 2, "lora_alpha": 4}) is tiny_llama
+    layers = adapter_layers(tiny_llama)
     assert len(layers) == 2 and all(isinstance(l, LoRALinear) and l.rank == 2 for l in layers.values())
