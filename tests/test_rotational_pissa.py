@@ -421,3 +421,24 @@ def test_trainer_run_folder_reloads(tmp_path, nf4):
         load_adapters(ours, tmp_path / "checkpoint")
         ref = ours.eval()(x).logits
     torch.testing.assert_close(peft(x).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_seed_config_names_and_defaults():
+    c = RotationalPiSSAConfig()
+    assert (c.r, c.lora_alpha, c.way, c.method, c.orthogonality_reg_weight, c.low_rank_r, c.init_identity,
+            c.freeze_singular_values, c.quantize_residual, c.quantize_base_components) == \
+        (16, 16.0, "way0", "way0", 1e-4, 4, True, False, False, False)  # rotational_pissa_unified's defaults
+    c = RotationalPiSSAConfig(r=4, lora_alpha=8, method="way3", lora_dropout=0.1)
+    assert (c.way, c.dropout) == ("way3", 0.1)
+    with pytest.raises(ValueError, match="give one"):
+        RotationalPiSSAConfig(method="way1", way="way2")
+    with pytest.raises(ValueError, match="unknown rotational_pissa option"):
+        config_from(OmegaConf.create({"name": "rotational_pissa", "method": "way1"}), 4)  # Hydra: way only
+
+
+@pytest.mark.parametrize("way,names", [("way0", {"R_U", "R_V"}), ("way1", {"theta_U.0", "theta_U.1", "theta_V.0",
+                                                                             "theta_V.1"}),
+                                       ("way2", {"B_U", "C_U", "B_V", "C_V"}), ("way3", {"B_U", "C_U", "B_V", "C_V"})])
+def test_rotation_parameters_carry_the_seed_names(way, names):
+    l = layer(way, freeze_singular_values=True)
+    assert {n.split(".", 1)[1] for n, p in l.named_parameters() if p.requires_grad} == names
