@@ -363,3 +363,78 @@ def test_lorafa_quick_start_config_keys_compose_and_validate():
     for k, v in keys.items():
         key = "init.scale" if k == "init.weight" else k
         assert OmegaConf.select(cfg, key) == v, k
+
+
+# ---- shell blocks: their peftlab equivalents (slow) -----------------------------------------------------------------
+@pytest.mark.slow
+def test_gplora_experiment_scripts_equivalent(tmp_path):
+    """The authors' GLUE / E2E scripts (roberta_base_mnli_gplora.sh, run_e2e_gplora.sh) have no peftlab copy; the
+    equivalent is a run_exp.py run with method=gplora (here the embedded task, 2 steps)."""
+    from test_train import run_inproc
+
+    assert [c.split()[-1] for c in seedtext.shell_commands(blocks("000")[4].code + "\n" + blocks("000")[5].code)
+            if c.startswith("bash")] == ["roberta_base_mnli_gplora.sh", "run_e2e_gplora.sh"]
+    s = run_inproc(tmp_path, ["method=gplora", "train.max_steps=2"])
+    assert s["method"] == "gplora" and s["steps"] == 2
+
+
+ROTATIONAL_FLAGS = {"--lora_alpha": "++peft.lora_alpha", "--lora_rank": "++peft.lora_r", "--seed": "seed",
+                    "--sample_size": None}  # sample_size feeds LoRA-GA's gradient estimate, which PiSSA does not use
+
+
+@pytest.mark.slow
+def test_rotational_pissa_training_command_equivalent(tmp_path):
+    from test_train import run_inproc
+
+    (cmd,) = [c for c in seedtext.shell_commands(blocks("003")[7].code) if c.startswith("python")]
+    overrides = ["method=rotational_pissa", "train.max_steps=2"]
+    for arg in shlex.split(cmd)[2:]:
+        flag, value = arg.split("=", 1)
+        if ROTATIONAL_FLAGS[flag]:
+            overrides.append(f"{ROTATIONAL_FLAGS[flag]}={value}")
+    s = run_inproc(tmp_path, overrides)
+    cfg = json.loads((tmp_path / "summary.json").read_text())
+    assert s["method"] == cfg["method"] == "rotational_pissa" and s["seed"] == 31 and s["steps"] == 2
+
+
+def shell_env(tmp_path) -> tuple[Path, dict]:
+    """A folder where `python run_exp.py` and `eval_gsm8k.py` are this checkout's (symlinks), with $runname, $iters."""
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("run_exp.py", "eval_gsm8k.py", "conf"):
+        (work / name).symlink_to(ROOT / name)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "runname": "seedrun", "iters": "2"}
+    return work, env
+
+
+@pytest.mark.slow
+def test_lorafa_commands_run_as_written_on_local_files(tmp_path, embedded_data_dir):
+    """Both training commands of the LoRA-FA seed verbatim (bash, $runname and $iters set), followed by overrides for
+    this machine (a local MetaMathQA-schema file, 2 steps); then the seed's eval command, which finds the run by its
+    wandb name, on the embedded test split."""
+    rows = [json.loads(l) for l in (embedded_data_dir / "train.jsonl").read_text().splitlines()[:128]]
+    data = tmp_path / "MetaMathQA.jsonl"
+    data.write_text("".join(json.dumps({"query": r["question"], "type": "GSM_AnsAug",
+                                        "response": r["answer"].replace("####", "The answer is:")}) + "\n"
+                            for r in rows))
+    local = f" ++dataset.path={data} ++dataset.eval_samples=16 ++train.max_steps=2 ++wandb.mode=disabled"
+    work, env = shell_env(tmp_path)
+    b = blocks("004")
+    for block, extra_env in ((b[1], {}), (b[2], {"ACCELERATE_USE_CPU": "1"})):
+        (cmd,) = seedtext.shell_commands(block.code)
+        out = subprocess.run(["bash", "-c", cmd + local], cwd=work, env={**env, **extra_env}, capture_output=True,
+                             text=True, timeout=600)
+        assert out.returncode == 0, cmd + "\n" + out.stdout[-2000:] + out.stderr[-3000:]
+    runs = sorted(work.glob("multirun/*/*/0/summary.json"))
+    assert len(runs) == 2
+    for summary in runs:
+        cfg = json.loads((summary.parent / "summary.json").read_text())
+        assert cfg["init"] == "gradient" and cfg["steps"] == 2
+    (eval_cmd,) = re.findall(r"^torchrun .*eval_gsm8k\.py.*$", seedtext.seed_file("004").read_text(), re.M)
+    extra = f" --limit 4 --max_new_tokens 16 --data {embedded_data_dir / 'test.jsonl'}"
+    out = subprocess.run(["bash", "-c", eval_cmd + extra], cwd=work, env={**env, "ACCELERATE_USE_CPU": "1"},
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    newest = max((s.parent for s in runs), key=lambda p: p.stat().st_mtime)
+    assert json.loads((newest / "eval" / "results.json").read_text())
