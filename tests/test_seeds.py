@@ -437,3 +437,25 @@ def test_lorafa_commands_run_as_written_on_local_files(tmp_path, embedded_data_d
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     newest = max((s.parent for s in runs), key=lambda p: p.stat().st_mtime)
     assert json.loads((newest / "eval" / "results.json").read_text())
+
+
+def test_eval_wandb_name_finds_the_newest_finished_run(tmp_path, monkeypatch):
+    from peftlab.eval.gsm8k import run_dir_by_wandb_name
+
+    def run(path, name, finished=True):
+        (path / ".hydra").mkdir(parents=True)
+        (path / ".hydra/config.yaml").write_text(f"wandb:\n  name: {name}\n")
+        if finished:
+            (path / "adapter").mkdir()
+            (path / "adapter/adapter_config.json").write_text("{}")
+        return path
+
+    monkeypatch.chdir(tmp_path)
+    old = run(tmp_path / "multirun/d/t1/0", "x")
+    new = run(tmp_path / "outputs/d/t2", "x")
+    os.utime(old, (1, 1))
+    run(tmp_path / "outputs/d/t3", "x", finished=False)  # killed before its adapter: not scored
+    run(tmp_path / "outputs/d/t4", "y")
+    assert Path(run_dir_by_wandb_name("x")).resolve() == new.resolve()
+    with pytest.raises(FileNotFoundError, match="no finished run with wandb.name='z'"):
+        run_dir_by_wandb_name("z")

@@ -101,8 +101,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     o.add_argument("--wandb_mode", default=os.environ.get("WANDB_MODE", "offline"),
                    choices=["online", "offline", "disabled"])
     a = p.parse_args(argv)
-    if not a.score and not (a.model or a.run_dir or a.adapter):
-        p.error("give --model (optionally with --adapter), --adapter, --run_dir, or --score FILE")
+    if not a.score and not (a.model or a.run_dir or a.adapter or a.wandb_name):
+        p.error("give --model (optionally with --adapter), --adapter, --run_dir, --wandb_name (its newest run) or "
+                "--score FILE")
     if a.run_dir and a.adapter:
         p.error("--adapter and --run_dir both name an adapter; give one")
     for flag in ("batch_size", "max_new_tokens"):
