@@ -37,7 +37,8 @@ class GeoLoRAConfig:
     truncation_strategy: str = "local_threshold"  # local_threshold | fixed_rank | global_budget
     budget: int | None = None           # global_budget: total rank over all layers
     epsilon_resid: float = 1e-6
-    use_small_matrix_optimizer: str = "adam"  # adam (one second moment per layer) | adam_entrywise | sgd
+    use_small_matrix_optimizer: str | bool = "adam"  # adam (one second moment per layer) | adam_entrywise | sgd;
+    #                                                   the seed's True / False: adam / sgd
     orthogonal_regularization: float = 0.0
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
@@ -45,6 +46,8 @@ class GeoLoRAConfig:
     eps: float = 1e-8
 
     def __post_init__(self):
+        if isinstance(self.use_small_matrix_optimizer, bool):  # the seed's on/off switch: Adam, or plain steps
+            self.use_small_matrix_optimizer = "adam" if self.use_small_matrix_optimizer else "sgd"
         geolora_options(self.method_cfg())  # fail early, naming what is allowed
         if self.rank_init < 1 or self.learning_rate <= 0:
             raise ValueError(f"GeoLoRAConfig needs rank_init >= 1 and learning_rate > 0, got {self.rank_init}, "
