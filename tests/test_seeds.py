@@ -254,6 +254,8 @@ def test_geolora_targets_by_class_and_a_listconfig_keeps_the_no_match_check():
         GeoLoRAModel(mlp(), GeoLoRAConfig(rank_init=2), OmegaConf.create(["1", "Linear"]))
     with pytest.raises(ValueError, match="ReLU"):  # a class that is not adaptable is not a target
         GeoLoRAModel(mlp(), GeoLoRAConfig(rank_init=2), ["ReLU"])
+    with pytest.warns(UserWarning, match="starts at rank 4"):  # the seed's CLI --rank 16 meets a 10-wide head
+        assert GeoLoRAModel(mlp(), GeoLoRAConfig(rank_init=5), ["Linear"]).ranks() == {"0": 5, "2": 4}
     # the seed's "use_small_matrix_optimizer: Enable Adam/SGD" as a switch
     assert GeoLoRAConfig(use_small_matrix_optimizer=True).use_small_matrix_optimizer == "adam"
     assert GeoLoRAConfig(use_small_matrix_optimizer=False).use_small_matrix_optimizer == "sgd"
