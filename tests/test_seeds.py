@@ -13,9 +13,7 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import types
-import warnings
 from pathlib import Path
 
 import pytest

@@ -64,3 +64,6 @@ class GPLoRA(MethodSpec):
 
 
 register_method(GPLoRA(name="gplora", make_layer=make_gplora_layer))
+
+# the seed's loralib names (``import peftlab.adapters.gplora as lora``)
+__all__ = ["Linear", "GaugeProjectedOptimizer", "gauge_project_model", "DEFAULTS", "GPLoRA"]
