@@ -21,8 +21,8 @@ Two traps (DESIGN.md):
   bias correction starts over: zeroing the moments alone makes the next steps up to ~6x larger). ``"keep"`` leaves
   the state alone. The default is "keep", as the seed's ``GaugeProjectedOptimizer`` (it projects the factors in place
   and never touches the optimizer state). "reset" with every = 1 makes each factor update Adam's first step,
-  lr * sign(g): sign descent in the balanced gauge; its gain on the embedded default was within seed noise
-  (0.0934 +- 0.0041 vs LoRA 0.0945 +- 0.0024, 3 seeds, issue 14), so it is no longer the default.
+  lr * sign(g): sign descent in the balanced gauge, another optimizer; on the embedded default its figures differ
+  from keep's and LoRA's by about one seed sd (bench/results/gplora_embedded.json), so it is no longer the default.
 
 Seed API (loralib's names): ``GaugeProjectedOptimizer(base_optimizer, model, mu="auto", eps=1e-4, eig_floor=1e-12,
 cast_fp32=True)`` and ``gauge_project_model(model, mu, eps, eig_floor, cast_fp32)``. The math is always fp32
