@@ -131,7 +131,8 @@ def givens(theta: torch.Tensor, n: int, layer: int) -> torch.Tensor:
 class Rotation(nn.Module):
     """One n x n rotation parametrised by a way; calling it returns the matrix (fp32). Its parameters carry the side
     ("U" or "V") in their names as the seed's layer does (R_U, B_U, C_U, theta_U; R_V, ...), so the seed's trainer,
-    which finds them by the substrings R_U/B_U and R_V/B_V, finds them here; ``R``, ``B``, ``C``, ``theta`` read them."""
+    which finds them by the substrings R_U/B_U and R_V/B_V, finds them here; ``R``, ``B``, ``C``, ``theta`` read
+    them."""
 
     def __init__(self, n: int, cfg: RotationalPiSSAConfig, device, side: str = "U"):
         super().__init__()

@@ -240,8 +240,8 @@ def run_dir_by_wandb_name(name: str, roots=("outputs", "multirun")) -> str:
     found = [f.parent.parent for root in roots if Path(root).is_dir() for f in Path(root).glob("**/.hydra/config.yaml")
              if OmegaConf.select(OmegaConf.load(f), "wandb.name") == name and is_run_dir(f.parent.parent)]
     if not found:
-        raise FileNotFoundError(f"no finished run with wandb.name={name!r} under {[str(Path(r).resolve()) for r in roots]}"
-                                f"; give --run_dir or --model")
+        searched = [str(Path(r).resolve()) for r in roots]
+        raise FileNotFoundError(f"no finished run with wandb.name={name!r} under {searched}; give --run_dir or --model")
     run_dir = max(found, key=lambda p: p.stat().st_mtime)
     print(f"eval_gsm8k: --wandb_name {name}: the run {run_dir}", flush=True)
     return str(run_dir)
