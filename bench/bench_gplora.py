@@ -8,9 +8,11 @@
    4x the module's so that the factors grow to where the guard lets the projection act. "lora_adam_restart" is a
    control: LoRA whose Adam state is restarted every step (no gauge), i.e. what moments=reset does to the optimizer.
 3. The embedded default: `python run_exp.py` against `python run_exp.py method=gplora` (its defaults, and with
-   moments=transport) over seeds: final losses and steps until the 10-step mean train loss reaches thresholds.
+   moments=reset and transport) over seeds: final losses (mean and sample std) and steps until the 10-step mean
+   train loss reaches thresholds.
 
     python -m bench.bench_gplora [--quick]
+    python -m bench.bench_gplora --embedded-only    # 3 only -> bench/results/gplora_embedded.json
 """
 from __future__ import annotations
 
@@ -122,10 +124,12 @@ def embedded(seeds) -> dict:
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, overrides in (("lora", []), ("gplora", ["method=gplora"]),
+                                ("gplora_reset", ["method=gplora", "++method.moments=reset"]),
                                 ("gplora_transport", ["method=gplora", "++method.moments=transport"])):
             runs = [embedded_run(Path(tmp), overrides, s) for s in seeds]
             out[name] = {k: [r[k] for r in runs] for k in runs[0]}
             out[name]["mean_final_eval_loss"] = statistics.mean(out[name]["final_eval_loss"])
+            out[name]["std_final_eval_loss"] = statistics.stdev(out[name]["final_eval_loss"])
             print(name, out[name], flush=True)
     return out
 
@@ -133,8 +137,14 @@ def embedded(seeds) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer seeds and learning rates")
+    ap.add_argument("--embedded-only", action="store_true", help="only part 3 -> bench/results/gplora_embedded.json")
     a = ap.parse_args()
     torch.set_num_threads(1)
+    if a.embedded_only:
+        write("gplora_embedded", {"task": "python run_exp.py [method=gplora ...] (embedded default, 128 steps), "
+                                          "seeds 42, 1, 2; gplora = its defaults (moments keep, guard 0.01)",
+                                  "results": embedded([42, 1, 2])})
+        return
     rows = [overhead(r, repeats=3 if a.quick else 5) for r in (8, 16, 32, 64)]
     for row in rows:
         print(row, flush=True)

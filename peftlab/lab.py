@@ -136,7 +136,7 @@ def variants(methods: list[str] | None) -> list[Variant]:
             out.append(Variant(name))
         if name == "lora":
             out.append(Variant("lora", optimizer="precond_adamw"))
-        if name == "gplora":  # besides its default (every step, moments reset): DESIGN's transport, every step
+        if name == "gplora":  # besides its default (every step, moments keep): DESIGN's transport, every step
             out.append(Variant(name, {"moments": "transport", "every": 1}, tag="transport-every1"))
     if methods:  # "rotational_pissa:way2" or "lora+precond_adamw" pick one variant
         exact = [v for v in out if v.label in methods]

@@ -76,6 +76,10 @@ def build_optimizer(cfg: DictConfig, spec, options, model, params):
                                 {"lr": cfg.model.lr, "weight_decay": cfg.model.weight_decay})
     opt = spec.make_optimizer(model, params, train_cfg, options)
     if opt is not None:
+        if cfg.train.optimizer == "precond_adamw":  # it would be ignored: refuse (optim/precond.py)
+            from .optim.precond import check_preconditionable
+
+            check_preconditionable(model, spec.name)
         return opt
     kwargs = dict(lr=cfg.model.lr, weight_decay=cfg.model.weight_decay, betas=tuple(cfg.train.adam_betas),
                   eps=cfg.train.adam_eps)

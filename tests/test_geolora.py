@@ -353,7 +353,9 @@ def test_options_fail_early_naming_what_is_allowed():
     with pytest.raises(ValueError, match="allowed"):
         geolora_options({"rank": 4})
     with pytest.raises(ValueError, match="rank_init"):
-        GeoLoRALinear(nn.Linear(4, 4), 8, 8, 1.0)
+        GeoLoRALinear(nn.Linear(4, 4), 0, 8, 1.0)
+    with pytest.warns(UserWarning, match="starts at rank 4"):  # above the layer's capacity: capped, as rmax is
+        assert GeoLoRALinear(nn.Linear(4, 4), 8, 8, 1.0).rank == 4
     with pytest.raises(ValueError, match="learning rate"):
         get_method("geolora").make_optimizer(nn.Module(), [], OmegaConf.create({}), None)
 

@@ -364,3 +364,59 @@ def test_gplora_guard_waits_for_B_then_projects_every_layer(tmp_path):
     rows = [json.loads(l) for l in (tmp_path / "gp" / "metrics.jsonl").read_text().splitlines()]
     projected = [r["gplora/projected_layers"] for r in rows if "gplora/projected_layers" in r]
     assert projected[0] == 0 and projected[-1] == 1  # the guard waits for B, then lets every layer in
+
+
+def test_peft_and_loralib_style_lora_layers_are_projected():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 8))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], init_lora_weights=False))
+    x = torch.randn(5, 16)
+    y = model(x).detach()
+    out = gauge_project_model(model, guard=0.0)
+    assert out["gplora/projected_layers"] == 1.0
+    torch.testing.assert_close(model(x), y, rtol=1e-4, atol=1e-5)
+    pairs = [(m.lora_A["default"].weight, m.lora_B["default"].weight) for m in model.modules()
+             if isinstance(getattr(m, "lora_A", None), nn.ModuleDict)]
+    assert len(pairs) == 2
+    for A, B in pairs:
+        assert float(imbalance(A.detach(), B.detach(), 4 / B.shape[0])) < 1e-3
+
+    class LoralibStyle(nn.Linear):  # loralib's layers: an nn.Linear with lora_A (r, in), lora_B (out, r)
+        def __init__(self):
+            super().__init__(16, 24)
+            self.lora_A, self.lora_B = nn.Parameter(torch.randn(4, 16)), nn.Parameter(torch.randn(24, 4))
+
+    m = nn.Sequential(LoralibStyle())
+    gauge_project_model(m, guard=0.0)
+    assert float(imbalance(m[0].lora_A.detach(), m[0].lora_B.detach(), 4 / 24)) < 1e-3
+
+
+def test_models_it_cannot_project_are_refused_not_skipped():
+    from peftlab.adapters.geolora import GeoLoRALinear
+
+    geo = nn.Sequential(GeoLoRALinear(nn.Linear(8, 8), 2, 4, 1.0))
+    for model, message in ((geo, r"cannot project \['0 \(GeoLoRALinear\)'\]"),
+                           (nn.Sequential(nn.Linear(8, 8)), "no LoRA layers"),
+                           (nn.Sequential(trained_layer(), nn.Linear(4, 4)), None)):
+        if message is None:  # LoRA layers next to plain ones: fine
+            GaugeProjectedOptimizer(torch.optim.AdamW(model.parameters()), model)
+            continue
+        with pytest.raises(ValueError, match=message):
+            GaugeProjectedOptimizer(torch.optim.AdamW(model.parameters()), model)
+        with pytest.raises(ValueError, match=message):
+            gauge_project_model(model)
+    stray = nn.Sequential(trained_layer())
+    stray.register_parameter("lora_scale", nn.Parameter(torch.ones(1)))  # a LoRA parameter of unknown meaning
+    with pytest.raises(ValueError, match="lora_scale"):
+        gauge_project_model(stray)
+
+
+def test_loralib_linear_refuses_what_it_cannot_be():
+    import peftlab.adapters.gplora as lora
+
+    with pytest.raises(ValueError, match="r=0"):
+        lora.Linear(8, 8)
+    with pytest.raises(ValueError, match="fan_in_fan_out"):
+        lora.Linear(8, 8, r=2, fan_in_fan_out=True)

@@ -120,5 +120,24 @@ def test_gpt2_conv1d_targets_and_merge(tiny_gpt2_dir):
 
 
 def test_seed_api_apply_lora(tiny_llama):
-    layers = apply_lora(tiny_llama, {"lora_target_modules": ["q_proj"], "lora_r": 2, "lora_alpha": 4})
+    assert apply_lora(tiny_llama, {"lora_target_modules": ["q_proj"], "lora_r": 2, "lora_alpha": 4}) is tiny_llama
+    layers = adapter_layers(tiny_llama)
     assert len(layers) == 2 and all(isinstance(l, LoRALinear) and l.rank == 2 for l in layers.values())
+
+
+def test_seed_lora_config_bias_and_errors():
+    from peftlab.adapters import LoRAConfig
+
+    with pytest.raises(ValueError, match="bias must be one of"):
+        LoRAConfig(bias="some")
+    m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    apply_lora(m, config=LoRAConfig(rank=2, target_modules=["0"], bias="lora_only"))
+    assert sorted(n for n, p in m.named_parameters() if p.requires_grad) == ["0.base.bias", "0.lora_A", "0.lora_B"]
+    assert len(get_lora_parameters(m)) == 2  # the adapter's own, not the bias
+    m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    apply_lora(m, rank=2, target_modules=["0"], bias="all")  # keyword fields build the LoRAConfig
+    assert sorted(n for n, p in m.named_parameters() if p.requires_grad) == ["0.base.bias", "0.lora_A", "0.lora_B",
+                                                                             "1.bias"]
+    m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"\['x'\] match no"):  # a ListConfig is checked entry by entry
+        apply_lora(m, {"lora_target_modules": OmegaConf.create(["0", "x"]), "lora_r": 2, "lora_alpha": 4})

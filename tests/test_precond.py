@@ -1,6 +1,7 @@
 """The preconditioned (scaled / Riemannian) AdamW: g_A <- (B^T B + lam I)^-1 g_A, g_B <- g_B (A A^T + lam I)^-1 from
 the factors before the update, then AdamW; other parameters are plain AdamW; the trainer's switch."""
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from peftlab.adapters import LoRALinear
@@ -66,3 +67,23 @@ def test_trainer_switch_trains_with_the_preconditioner(tmp_path):
     s = summaries["precond_adamw"]
     assert s["final_eval_loss"] < s["initial_eval_loss"]
     assert s["final_eval_loss"] != summaries["adamw"]["final_eval_loss"]
+
+
+def test_non_lora_adapters_and_methods_with_their_own_optimizer_are_refused():
+    import pytest
+
+    from peftlab.adapters import get_method
+    from peftlab.adapters.rotational_pissa import RotationalPiSSAConfig, RotationalPiSSALinear
+    from peftlab.config import resolve_config
+    from peftlab.train import build_optimizer
+    from test_config import compose_cfg
+
+    rot = nn.Sequential(RotationalPiSSALinear(nn.Linear(6, 5), RotationalPiSSAConfig(r=2)))
+    with pytest.raises(ValueError, match=r"\['RotationalPiSSALinear'\] layers have none"):
+        PrecondAdamW(rot, [p for p in rot.parameters() if p.requires_grad], lr=0.1)
+    cfg = resolve_config(compose_cfg(["method=geolora", "train.optimizer=precond_adamw"]))
+    spec = get_method("geolora")
+    geo = nn.Sequential(spec.make_layer(nn.Linear(6, 5), OmegaConf.create({"lora_r": 2, "lora_alpha": 2}),
+                                        cfg.method))
+    with pytest.raises(ValueError, match="method=geolora, which brings its own optimizer"):
+        build_optimizer(cfg, spec, geo, [p for p in geo.parameters() if p.requires_grad])

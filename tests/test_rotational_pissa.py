@@ -93,7 +93,7 @@ def test_rotations_stay_orthogonal_after_many_steps(way):
 def test_way0_penalty_is_the_closed_form_and_pulls_R_toward_orthogonality():
     l = layer("way0")
     perturb(l, 0.3)
-    R_U, R_V = l.rot_U.R.detach(), l.rot_V.R.detach()
+    R_U, R_V = l.rot_U.R_U.detach(), l.rot_V.R_V.detach()
     eye = torch.eye(4)
     closed = torch.linalg.matrix_norm(R_U.T @ R_U - eye) ** 2 + torch.linalg.matrix_norm(R_V.T @ R_V - eye) ** 2
     model = nn.Sequential(l)
@@ -298,7 +298,8 @@ def test_seed_api_and_nf4_residual(tiny_llama_dir, tmp_path):
     cfg = RotationalPiSSAConfig(r=4, way="way2", quantize_residual=True)
     layers = replace_linear_with_rotational_pissa(model, cfg, ["q_proj", "v_proj"], "default", True)
     assert len(layers) == 4 and all(l.adapter_name == "default" for l in layers.values())
-    assert not any(p.requires_grad for n, p in model.named_parameters() if "rot_" not in n)
+    # S trains by default (the seed's freeze_singular_values=False)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "rot_" not in n and not n.endswith(".S"))
     assert all(l.base.qweight.packed.dtype == torch.uint8 for l in layers.values())
     # identity start within NF4's quantisation error of the residual, below quantising the whole weight as QLoRA
     # does (the principal part stays exact); measured 0.026 vs 0.055 of the largest logit on these random tiny weights
@@ -438,3 +439,24 @@ def test_trainer_run_folder_reloads(tmp_path, nf4):
         load_adapters(ours, tmp_path / "checkpoint")
         ref = ours.eval()(x).logits
     torch.testing.assert_close(peft(x).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_seed_config_names_and_defaults():
+    c = RotationalPiSSAConfig()
+    assert (c.r, c.lora_alpha, c.way, c.method, c.orthogonality_reg_weight, c.low_rank_r, c.init_identity,
+            c.freeze_singular_values, c.quantize_residual, c.quantize_base_components) == \
+        (16, 16.0, "way0", "way0", 1e-4, 4, True, False, False, False)  # rotational_pissa_unified's defaults
+    c = RotationalPiSSAConfig(r=4, lora_alpha=8, method="way3", lora_dropout=0.1)
+    assert (c.way, c.dropout) == ("way3", 0.1)
+    with pytest.raises(ValueError, match="give one"):
+        RotationalPiSSAConfig(method="way1", way="way2")
+    with pytest.raises(ValueError, match="unknown rotational_pissa option"):
+        config_from(OmegaConf.create({"name": "rotational_pissa", "method": "way1"}), 4)  # Hydra: way only
+
+
+@pytest.mark.parametrize("way,names", [("way0", {"R_U", "R_V"}), ("way1", {"theta_U.0", "theta_U.1", "theta_V.0",
+                                                                             "theta_V.1"}),
+                                       ("way2", {"B_U", "C_U", "B_V", "C_V"}), ("way3", {"B_U", "C_U", "B_V", "C_V"})])
+def test_rotation_parameters_carry_the_seed_names(way, names):
+    l = layer(way, freeze_singular_values=True)
+    assert {n.split(".", 1)[1] for n, p in l.named_parameters() if p.requires_grad} == names

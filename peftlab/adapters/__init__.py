@@ -8,7 +8,7 @@ from torch import nn
 from ..registry import Registry
 from .base import (AdapterLayer, MethodOptions, MethodSpec, adapter_layers, base_weight_out_in, find_targets,
                    resolve_target_patterns, set_module, untie_target, unwrap)
-from .lora import LORA, LoRALinear, lora_scaling
+from .lora import LORA, LoRAConfig, LoRALinear, lora_scaling
 
 METHODS: Registry = Registry("method", __name__)
 register_method = METHODS.register
@@ -44,12 +44,32 @@ def apply_adapters(model: nn.Module, peft_cfg: Any, method_cfg: Any = None, meth
     return layers
 
 
-def apply_lora(model: nn.Module, config: Any) -> dict[str, LoRALinear]:
-    """The seed's API: LoRA on the modules the config selects (a dict or DictConfig with PEFT's field names)."""
+def apply_lora(model: nn.Module, config: Any = None, **fields) -> nn.Module:
+    """The LoRA seed's ``model = apply_lora(model, config=config)``: LoRA on the modules the config selects, everything
+    else frozen (but the biases ``config.bias`` names); returns the model, adapted in place.
+
+    config: a ``LoRAConfig`` (the seed's names: rank, alpha, dropout, target_modules, bias), a dict of those names, or
+    a dict/DictConfig in peftlab's ``peft`` names (lora_r, lora_alpha, ...); keyword fields build a LoRAConfig."""
     from omegaconf import DictConfig, OmegaConf
 
-    cfg = config if isinstance(config, DictConfig) else OmegaConf.create(dict(config))
-    return apply_adapters(model, cfg, None, "lora")
+    if config is None or fields:
+        config = LoRAConfig(**{**(dict(config) if config is not None else {}), **fields})
+    elif isinstance(config, dict) and not any(k.startswith("lora_") for k in config):
+        config = LoRAConfig(**config)
+    if isinstance(config, LoRAConfig):
+        cfg, bias = config.peft_cfg(), config.bias
+    else:
+        cfg, bias = (config if isinstance(config, DictConfig) else OmegaConf.create(dict(config))), "none"
+    layers = apply_adapters(model, cfg, None, "lora")
+    if bias == "all":
+        for name, p in model.named_parameters():
+            if name.split(".")[-1] == "bias":
+                p.requires_grad_(True)
+    elif bias == "lora_only":
+        for layer in layers.values():
+            if getattr(layer.base, "bias", None) is not None:
+                layer.base.bias.requires_grad_(True)
+    return model
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:
@@ -64,12 +84,22 @@ def merge_adapters(model: nn.Module) -> nn.Module:
 merge_lora = merge_adapters
 
 
-def get_adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for layer in adapter_layers(model).values() for p in layer.parameters() if p.requires_grad]
+class ParameterList(list):
+    """A list of parameters whose ``in`` compares by identity: the seed's ``[p for p in model.parameters() if p not in
+    lora_params]`` would otherwise compare tensors elementwise and raise."""
+
+    def __contains__(self, item) -> bool:
+        return any(item is p for p in self)
+
+
+def get_adapter_parameters(model: nn.Module) -> ParameterList:
+    """The trainable adapter parameters (not a base bias that LoRAConfig.bias made trainable)."""
+    return ParameterList(p for layer in adapter_layers(model).values() for n, p in layer.named_parameters()
+                         if p.requires_grad and not n.startswith("base."))
 
 
 get_lora_parameters = get_adapter_parameters
 
-__all__ = ["AdapterLayer", "MethodSpec", "METHODS", "LoRALinear", "apply_adapters", "apply_lora", "merge_adapters",
-           "merge_lora", "get_adapter_parameters", "get_lora_parameters", "adapter_layers", "register_method",
-           "get_method", "lora_scaling", "unwrap"]
+__all__ = ["AdapterLayer", "MethodSpec", "METHODS", "LoRAConfig", "LoRALinear", "ParameterList", "apply_adapters",
+           "apply_lora", "merge_adapters", "merge_lora", "get_adapter_parameters", "get_lora_parameters",
+           "adapter_layers", "register_method", "get_method", "lora_scaling", "unwrap"]

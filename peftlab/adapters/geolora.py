@@ -24,6 +24,7 @@ dominate near convergence, a convex combination always). A reset would restart t
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -135,9 +136,13 @@ class GeoLoRALinear(AdapterLayer):
                  dropout: float = 0.0, rmin: int = 1):
         super().__init__(base)
         self.capacity = min(int(rmax), self.in_features, self.out_features)
-        if not 1 <= rank_init <= self.capacity:
-            raise ValueError(f"geolora rank_init must be in [1, min(rmax, in, out)] = [1, {self.capacity}] for a "
-                             f"{self.out_features} x {self.in_features} layer with rmax={rmax}, got {rank_init}")
+        if rank_init < 1:
+            raise ValueError(f"geolora rank_init must be >= 1, got {rank_init}")
+        if rank_init > self.capacity:  # as rmax is capped by the layer; the seed's `--rank 16` adapts a 10-wide head
+            warnings.warn(f"geolora rank_init={rank_init} exceeds a {self.out_features} x {self.in_features} layer's "
+                          f"capacity min(rmax, in, out) = {self.capacity}: it starts at rank {self.capacity}",
+                          stacklevel=3)
+            rank_init = self.capacity
         self.rank_init, self.scaling = int(rank_init), float(scaling)
         self.rmin = min(int(rmin), self.capacity)
         device, cap, r = base.weight.device, self.capacity, int(rank_init)

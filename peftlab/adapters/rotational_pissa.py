@@ -46,14 +46,20 @@ WAYS = ("way0", "way1", "way2", "way3")
 
 @dataclass
 class RotationalPiSSAConfig:
-    r: int = 8
-    way: str = "way2"
-    low_rank_r: int = 2                 # k of the skew-symmetric generator (way2, way3)
+    """The seed's config (rotational_pissa_unified): its field names and defaults, plus peftlab's options.
+    ``method`` is the seed's name of ``way``; ``lora_alpha`` is accepted and, as in the seed's layer (scaling = 1),
+    scales nothing; ``lora_dropout`` is the seed's name of ``dropout``."""
+    r: int = 16
+    lora_alpha: float = 16.0            # the seed's; unused there too (its layer's scaling is 1)
+    method: str | None = None           # the seed's name of way ("way0" .. "way3"); None: way
+    way: str = "way0"                   # the seed's default
+    lora_dropout: float | None = None   # the seed's name of dropout; None: dropout
+    low_rank_r: int = 4                 # k of the skew-symmetric generator (way2, way3); the seed's default
     givens_layers: int = 2              # way1
     merge_every: int = 50               # way1: fold the rotations into U, V and restart every N optimizer steps
-    orthogonality_reg_weight: float = 1e-2  # way0
+    orthogonality_reg_weight: float = 1e-4  # way0; the seed code's default (its document's example passes 1e-3)
     init_identity: bool = True
-    freeze_singular_values: bool = True
+    freeze_singular_values: bool = False  # the seed's default: S trains
     extra_principal_dims: int = 0       # p
     quantize_residual: bool = False     # NF4 residual through bitsandbytes
     quantize_base_components: bool = False  # NF4 U and V
@@ -61,6 +67,14 @@ class RotationalPiSSAConfig:
     dropout: float = 0.0                # on the principal path's input, as PEFT's PiSSA (trainer: peft.lora_dropout)
 
     def __post_init__(self):
+        if self.method is not None:
+            if self.way != "way0" and self.way != self.method:
+                raise ValueError(f"RotationalPiSSAConfig got method={self.method!r} and way={self.way!r}; give one")
+            self.way = self.method
+        self.method = self.way
+        if self.lora_dropout is not None:
+            self.dropout = float(self.lora_dropout)
+        self.lora_dropout = self.dropout
         if self.way not in WAYS:
             raise ValueError(f"unknown rotational PiSSA way {self.way!r}; allowed: {list(WAYS)}")
         checks = {"r >= 1": self.r >= 1, "low_rank_r >= 1": self.low_rank_r >= 1,
@@ -72,6 +86,10 @@ class RotationalPiSSAConfig:
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"rotational PiSSA needs {', '.join(bad)} (got {self})")
+
+
+# the seed saves this config with torch.save and loads it back with torch.load (weights_only by default since torch 2.6)
+torch.serialization.add_safe_globals([RotationalPiSSAConfig])
 
 
 # ---- rotations ------------------------------------------------------------------------------------------------------
@@ -113,24 +131,33 @@ def givens(theta: torch.Tensor, n: int, layer: int) -> torch.Tensor:
 
 
 class Rotation(nn.Module):
-    """One n x n rotation parametrised by a way; calling it returns the matrix (fp32)."""
+    """One n x n rotation parametrised by a way; calling it returns the matrix (fp32). Its parameters carry the side
+    ("U" or "V") in their names as the seed's layer does (R_U, B_U, C_U, theta_U; R_V, ...), so the seed's trainer,
+    which finds them by the substrings R_U/B_U and R_V/B_V, finds them here; ``R``, ``B``, ``C``, ``theta`` read
+    them."""
 
-    def __init__(self, n: int, cfg: RotationalPiSSAConfig, device):
+    def __init__(self, n: int, cfg: RotationalPiSSAConfig, device, side: str = "U"):
         super().__init__()
-        self.n, self.way = n, cfg.way
+        self.n, self.way, self.side = n, cfg.way, side
         if cfg.way == "way0":
-            self.R = nn.Parameter(torch.eye(n, device=device) if cfg.init_identity
-                                  else torch.linalg.qr(torch.randn(n, n, device=device))[0])
+            setattr(self, f"R_{side}", nn.Parameter(torch.eye(n, device=device) if cfg.init_identity
+                                                   else torch.linalg.qr(torch.randn(n, n, device=device))[0]))
         elif cfg.way == "way1":
             sizes = [len(givens_pairs(n, l)[0]) for l in range(cfg.givens_layers)]
-            self.theta = nn.ParameterList([nn.Parameter(torch.zeros(m, device=device) if cfg.init_identity
-                                                        else 0.1 * torch.randn(m, device=device)) for m in sizes])
+            setattr(self, f"theta_{side}", nn.ParameterList([
+                nn.Parameter(torch.zeros(m, device=device) if cfg.init_identity
+                             else 0.1 * torch.randn(m, device=device)) for m in sizes]))
         else:
             q = min(cfg.low_rank_r, n)
-            self.B = nn.Parameter(0.1 * torch.randn(n, q, device=device) / q ** 0.5)
+            setattr(self, f"B_{side}", nn.Parameter(0.1 * torch.randn(n, q, device=device) / q ** 0.5))
             # C = 0 gives K = 0 (R = I) with a non-zero gradient for C, as LoRA's B = 0
-            self.C = nn.Parameter(torch.zeros(n, q, device=device) if cfg.init_identity
-                                  else 0.1 * torch.randn(n, q, device=device))
+            setattr(self, f"C_{side}", nn.Parameter(torch.zeros(n, q, device=device) if cfg.init_identity
+                                                   else 0.1 * torch.randn(n, q, device=device)))
+
+    R = property(lambda self: getattr(self, f"R_{self.side}"))
+    B = property(lambda self: getattr(self, f"B_{self.side}"))
+    C = property(lambda self: getattr(self, f"C_{self.side}"))
+    theta = property(lambda self: getattr(self, f"theta_{self.side}"))
 
     def forward(self) -> torch.Tensor:
         if self.way == "way0":
@@ -267,8 +294,8 @@ class RotationalPiSSALinear(AdapterLayer):
         off_A, off_B = S0[:r, None] * V[:, :r].T, U[:, :r]
         residual = (W.float() - off_B @ off_A) if cfg.quantize_residual else None  # fp32, before any rounding
         self.set_offset(off_A, off_B, 1.0)  # base <- W_res = W - U_r S_r V_r^T
-        self.rot_U = Rotation(k, cfg, W.device)
-        self.rot_V = Rotation(k, cfg, W.device)
+        self.rot_U = Rotation(k, cfg, W.device, "U")
+        self.rot_V = Rotation(k, cfg, W.device, "V")
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self._parked: list[nn.Module] = []  # the NF4 residual while merged (a list: not a submodule)
         self.fan_in_fan_out = isinstance(base, Conv1D)  # for export, whatever the base becomes
@@ -397,13 +424,13 @@ class RotationalPiSSALinear(AdapterLayer):
 class RotationalPiSSAOptions(MethodOptions):
     """conf/method/rotational_pissa.yaml documents each option; r is peft.lora_r, dropout peft.lora_dropout."""
     name: str = "rotational_pissa"
-    way: str = option("way2", choices=WAYS)
-    low_rank_r: int = option(2, ge=1)
+    way: str = option("way0", choices=WAYS)
+    low_rank_r: int = option(4, ge=1)
     givens_layers: int = option(2, ge=1)
     merge_every: int = option(50, ge=1)
-    orthogonality_reg_weight: float = option(1e-2, ge=0)
+    orthogonality_reg_weight: float = option(1e-3, ge=0)
     init_identity: bool = True
-    freeze_singular_values: bool = True
+    freeze_singular_values: bool = False
     extra_principal_dims: int = option(0, ge=0)
     quantize_residual: bool = False
     quantize_base_components: bool = False

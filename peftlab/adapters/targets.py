@@ -50,13 +50,18 @@ def resolve_target_patterns(target_set: str | None, patterns: Any, model_type: s
     return table[target_set]
 
 
+REGEX_CHARS = set("*+?[](){}|^$\\")
+
+
 def name_matches(name: str, patterns: Any) -> bool:
-    """PEFT's rule: a string is a regex matched against the full name; a list matches exact names or name suffixes."""
-    if patterns == "all":
+    """PEFT's rule: a string is a regex matched against the full name; a list matches exact names or name suffixes.
+    A list entry with regex characters (the LoRA seed's ``['.*q_proj', '.*v_proj']``) is also tried as a full match."""
+    if isinstance(patterns, str) and patterns == "all":
         return not any(name == e or name.endswith("." + e) for e in EXCLUDED_FROM_ALL)
     if isinstance(patterns, str):
         return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
+    return any(name == p or name.endswith("." + p) or (REGEX_CHARS & set(p) and re.fullmatch(p, name))
+               for p in map(str, patterns))
 
 
 def find_targets(model: nn.Module, patterns: Any, what: str | None = None) -> list[str]:
@@ -64,8 +69,10 @@ def find_targets(model: nn.Module, patterns: Any, what: str | None = None) -> li
     ``what`` names the selection in errors (e.g. "peft.target_set=qkvo on gpt_neox")."""
     what = what or f"target patterns {patterns!r}"
     candidates = [n for n, m in model.named_modules() if isinstance(m, ADAPTABLE)]
+    if not isinstance(patterns, str):  # any sequence (a ListConfig too) is a list: every entry must match
+        patterns = [str(p) for p in patterns]
     chosen = [n for n in candidates if name_matches(n, patterns)]
-    if isinstance(patterns, (list, tuple)):
+    if isinstance(patterns, list):
         missing = [p for p in patterns if not any(name_matches(n, [p]) for n in candidates)]
     else:
         missing = [] if chosen else [patterns]

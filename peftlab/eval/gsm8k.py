@@ -103,8 +103,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     o.add_argument("--wandb_group", default=None)
     o.add_argument("--wandb_mode", default=os.environ.get("WANDB_MODE"), choices=["online", "offline", "disabled"])
     a = p.parse_args(argv)
-    if not a.score and not (a.model or a.run_dir or a.adapter):
-        p.error("give --model (optionally with --adapter), --adapter, --run_dir, or --score FILE")
+    if not a.score and not (a.model or a.run_dir or a.adapter or a.wandb_name):
+        p.error("give --model (optionally with --adapter), --adapter, --run_dir, --wandb_name (its newest run) or "
+                "--score FILE")
     if a.run_dir and a.adapter:
         p.error("--adapter and --run_dir both name an adapter; give one")
     for flag in ("batch_size", "max_new_tokens"):
@@ -259,9 +260,26 @@ def is_run_dir(path: Path) -> bool:
                               or (path / "merged" / "config.json").is_file())
 
 
+def run_dir_by_wandb_name(name: str, roots=("outputs", "multirun")) -> str:
+    """The newest finished run folder under ./outputs or ./multirun whose wandb.name is ``name``: the seed scores
+    the run it trained with ``++wandb.name=$runname`` by giving only ``--wandb_name``."""
+    from omegaconf import OmegaConf
+
+    found = [f.parent.parent for root in roots if Path(root).is_dir() for f in Path(root).glob("**/.hydra/config.yaml")
+             if OmegaConf.select(OmegaConf.load(f), "wandb.name") == name and is_run_dir(f.parent.parent)]
+    if not found:
+        searched = [str(Path(r).resolve()) for r in roots]
+        raise FileNotFoundError(f"no finished run with wandb.name={name!r} under {searched}; give --run_dir or --model")
+    run_dir = max(found, key=lambda p: p.stat().st_mtime)
+    print(f"eval_gsm8k: --wandb_name {name}: the run {run_dir}", flush=True)
+    return str(run_dir)
+
+
 def resolve_source(a) -> dict:
     """What to load: {model (name as given), path, adapter, run_dir, run_cfg}."""
     run_dir, base = a.run_dir, a.model
+    if run_dir is None and base is None and a.adapter is None and a.wandb_name:
+        run_dir = run_dir_by_wandb_name(a.wandb_name)  # the seed's `eval_gsm8k.py --wandb_name="$runname"`
     if run_dir is None and base and is_run_dir(Path(base)):
         run_dir, base = base, None
     run_cfg, adapter = None, a.adapter

@@ -19,10 +19,16 @@ Two traps (DESIGN.md):
   v_A -> (R^-1)^2 v_A, v_B -> v_B R^2 (exact for diagonal R and permutations, cross terms dropped otherwise).
   ``"reset"`` gives the factors a fresh optimizer state (moments zeroed AND the step counter restarted, so that Adam's
   bias correction starts over: zeroing the moments alone makes the next steps up to ~6x larger). ``"keep"`` leaves
-  the state alone. The default, "reset", was measured (bench/bench_gplora.py, bench/results/gplora.json): fastest on
-  the embedded default and, up to LoRA's best learning rate, on the planted regression. With every = 1 it makes each
-  factor update Adam's first step, lr * sign(g): sign descent in the balanced gauge, which falls behind transport
-  above LoRA's best learning rate.
+  the state alone. The default is "keep", as the seed's ``GaugeProjectedOptimizer`` (it projects the factors in place
+  and never touches the optimizer state). "reset" with every = 1 makes each factor update Adam's first step,
+  lr * sign(g): sign descent in the balanced gauge, another optimizer; on the embedded default its figures differ
+  from keep's and LoRA's by about one seed sd (bench/results/gplora_embedded.json), so it is no longer the default.
+
+Seed API (loralib's names): ``GaugeProjectedOptimizer(base_optimizer, model, mu="auto", eps=1e-4, eig_floor=1e-12,
+cast_fp32=True)`` and ``gauge_project_model(model, mu, eps, eig_floor, cast_fp32)``. The math is always fp32
+(``cast_fp32=False`` is accepted and changes nothing: eigh has no bf16/fp16 kernels). The model's LoRA layers are
+peftlab's, loralib-style modules with ``lora_A``/``lora_B`` parameters, or HF PEFT's LoRA Linear layers; any other
+adapter or LoRA parameter is refused by name, never skipped.
 """
 from __future__ import annotations
 
@@ -33,7 +39,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from ..adapters import adapter_layers
+from ..adapters import AdapterLayer, unwrap
 
 MOMENTS = ("transport", "reset", "keep")
 # Optimizer state entries that average gradients (first moments) or squared gradients (second moments).
@@ -54,7 +60,7 @@ def resolve_mu(mu: Any, rank: int, out_features: int) -> float:
 
 
 def check_options(mu: Any = "auto", eps: float = 1e-4, eig_floor: float = 1e-12, guard: float = 0.0,
-                  moments: str = "reset", every: int = 1, warmup_steps: int = 0) -> None:
+                  moments: str = "keep", every: int = 1, warmup_steps: int = 0) -> None:
     """Clear early errors for bad options."""
     resolve_mu(mu, 1, 1)
     if moments not in MOMENTS:
@@ -154,16 +160,44 @@ def transport_moments_(optimizer, A: torch.Tensor, B: torch.Tensor, R: torch.Ten
 
 
 def _lora_layers(model: nn.Module | None, layers: Iterable | None) -> list:
+    """Every LoRA factor pair of the model: peftlab's LoRA layers, loralib-style modules (``lora_A`` (r, in) and
+    ``lora_B`` (out, r) parameters) and HF PEFT's LoRA Linear layers (one pair per adapter). Anything else that
+    adapts a layer or holds a LoRA parameter is refused by name: a silently unprojected layer is a wrong GP-LoRA."""
     if layers is not None:
         return list(layers)
-    return [l for l in adapter_layers(model).values() if hasattr(l, "lora_A") and hasattr(l, "lora_B")]
+    found, covered, refused = [], set(), []
+    for name, m in unwrap(model).named_modules():
+        A, B = getattr(m, "lora_A", None), getattr(m, "lora_B", None)
+        if isinstance(m, AdapterLayer) and not (torch.is_tensor(A) and torch.is_tensor(B)):
+            refused.append(f"{name} ({type(m).__name__})")
+        elif isinstance(A, nn.ModuleDict) and isinstance(B, nn.ModuleDict):  # HF PEFT
+            for key, a in A.items():
+                b = B[key] if key in B else None
+                if isinstance(a, nn.Linear) and isinstance(b, nn.Linear):
+                    found.append(_Factors(a.weight, b.weight))
+                else:
+                    refused.append(f"{name}.lora_A.{key} ({type(a).__name__})")
+        elif isinstance(A, nn.Parameter) and isinstance(B, nn.Parameter) and A.dim() == B.dim() == 2:
+            found.append(m if isinstance(m, AdapterLayer) else _Factors(A, B))
+        else:
+            continue
+        covered.update(id(p) for p in m.parameters())
+    stray = [n for n, p in unwrap(model).named_parameters() if "lora" in n.lower() and id(p) not in covered]
+    if refused or stray:
+        raise ValueError(f"GP-LoRA projects LoRA factor pairs (lora_A (r, in), lora_B (out, r)); it cannot project "
+                         f"{refused + stray[:8]}: use peftlab's LoRA layers (apply_lora, method=gplora), loralib-style "
+                         f"layers or HF PEFT LoRA Linear layers")
+    if not found:
+        raise ValueError(f"GP-LoRA found no LoRA layers to project in {type(unwrap(model)).__name__}")
+    return found
 
 
 @torch.no_grad()
 def gauge_project_model(model: nn.Module | None, mu: Any = "auto", eps: float = 1e-4, eig_floor: float = 1e-12,
-                        guard: float = 0.01, optimizer: torch.optim.Optimizer | None = None,
-                        moments: str = "reset", layers: Iterable | None = None) -> dict[str, float]:
-    """Project every LoRA layer of the model in place (B A unchanged, parameters keep their dtype, math in fp32).
+                        cast_fp32: bool = True, guard: float = 0.01, optimizer: torch.optim.Optimizer | None = None,
+                        moments: str = "keep", layers: Iterable | None = None) -> dict[str, float]:
+    """Project every LoRA layer of the model in place (B A unchanged, parameters keep their dtype, math in fp32 for
+    any cast_fp32). The seed's signature first; guard, optimizer, moments and layers are peftlab's.
 
     guard: a layer is projected only while rho = mu ||B||^2 / ||A||^2 lies in [guard, 1 / guard] (0: always).
     optimizer/moments: what happens to the factors' optimizer state (transport | reset | keep).
@@ -227,7 +261,7 @@ def gauge_project_model(model: nn.Module | None, mu: Any = "auto", eps: float = 
             "gplora/project_ms": (time.perf_counter() - t0) * 1e3}
 
 
-class _Factors:  # a stand-in layer for a bare (A, B) pair
+class _Factors:  # a stand-in layer for a bare (A, B) pair (or another library's LoRA parameters)
     def __init__(self, A: torch.Tensor, B: torch.Tensor):
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
             raise ValueError(f"factors must be A (r, in) and B (out, r), got {tuple(A.shape)} and {tuple(B.shape)}")
@@ -235,7 +269,7 @@ class _Factors:  # a stand-in layer for a bare (A, B) pair
 
 
 def gauge_project_(layer_or_factors, mu: Any = "auto", eps: float = 1e-4, eig_floor: float = 1e-12,
-                   optimizer: torch.optim.Optimizer | None = None, moments: str = "reset") -> dict[str, float]:
+                   optimizer: torch.optim.Optimizer | None = None, moments: str = "keep") -> dict[str, float]:
     """Project one LoRA layer, or an (A, B) pair of tensors, in place and unguarded; returns the metrics."""
     layer = _Factors(*layer_or_factors) if isinstance(layer_or_factors, (tuple, list)) else layer_or_factors
     return gauge_project_model(None, mu, eps, eig_floor, guard=0.0, optimizer=optimizer, moments=moments,
@@ -244,18 +278,22 @@ def gauge_project_(layer_or_factors, mu: Any = "auto", eps: float = 1e-4, eig_fl
 
 class GaugeProjectedOptimizer(torch.optim.Optimizer):
     """Any torch optimizer whose ``step()`` is followed by the gauge projection of every LoRA layer of ``model``
-    (every ``every`` steps, after ``warmup_steps``). param_groups, state, defaults, zero_grad and add_param_group are
-    the base optimizer's; state_dict is the base's plus this wrapper's step count (the base optimizer loads it too)."""
+    (every ``every`` steps, after ``warmup_steps``). The seed's signature (loralib) first: base_optimizer, model, mu,
+    eps, eig_floor, cast_fp32; then peftlab's guard (departure: 0.01, the seed has none), moments (keep, as the seed),
+    every, warmup_steps. param_groups, state, defaults, zero_grad and add_param_group are the base optimizer's;
+    state_dict is the base's plus this wrapper's step count (the base optimizer loads it too)."""
 
-    def __init__(self, base_opt: torch.optim.Optimizer, model: nn.Module, mu: Any = "auto", eps: float = 1e-4,
-                 eig_floor: float = 1e-12, guard: float = 0.01, moments: str = "reset", every: int = 1,
-                 warmup_steps: int = 0):
+    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, mu: Any = "auto", eps: float = 1e-4,
+                 eig_floor: float = 1e-12, cast_fp32: bool = True, guard: float = 0.01, moments: str = "keep",
+                 every: int = 1, warmup_steps: int = 0):
         # deliberately no super().__init__: every piece of optimizer state is the base optimizer's
         check_options(mu, eps, eig_floor, guard, moments, every, warmup_steps)
-        self.base_opt, self.model = base_opt, model
-        self.kwargs = dict(mu=mu, eps=eps, eig_floor=eig_floor, guard=guard, moments=moments)
+        _lora_layers(model, None)  # a model without LoRA layers, or with layers it cannot project, fails here
+        self.base_opt, self.model = base_optimizer, model
+        self.kwargs = dict(mu=mu, eps=eps, eig_floor=eig_floor, cast_fp32=cast_fp32, guard=guard, moments=moments)
         self.every, self.warmup_steps, self.steps, self.last_metrics = int(every), int(warmup_steps), 0, {}
 
+    base_optimizer = property(lambda self: self.base_opt)  # the seed's attribute name
     param_groups = property(lambda self: self.base_opt.param_groups)
     state = property(lambda self: self.base_opt.state)
     defaults = property(lambda self: self.base_opt.defaults)
