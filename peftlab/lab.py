@@ -41,8 +41,8 @@ from .utils import atomic_write_json, atomic_write_text, write_csv
 SELECT_SEED0 = 1000  # selection seeds never coincide with the final seeds 0, 1, ...
 # Base learning rate per method where the trainer's model.lr does not suit it (full fine-tuning moves every weight).
 LR_SCALE = {"full": 0.1}
-QUICK_VARIANTS = ("lora", "gplora", "geolora", "rotational_pissa:way2", "dora", "full")  # quick: default init only,
-# but every init on plain LoRA (the init claims need them)
+# quick: these variants with their default init only, but every init on plain LoRA (the init claims need them)
+QUICK_VARIANTS = ("lora", "gplora", "geolora", "rotational_pissa:way2", "dora", "full", "lora+loraplus16")
 
 
 @dataclass
@@ -51,7 +51,7 @@ class Settings:
     quick: bool = False
     parts: tuple = ("regression", "language")
     dataset: str | None = None  # conf/dataset/<name>.yaml (None: conf/config.yaml's dataset_name)
-    lr_factors: tuple = (0.1, 1 / 3, 1.0, 10 / 3)
+    lr_factors: tuple = (0.1, 1 / 3, 1.0, 10 / 3, 10.0)
     select_seeds: int = 2
     final_seeds: int = 5
     reg_steps: int = 400
@@ -75,6 +75,8 @@ def variants(methods: list[str] | None, quick: bool = False) -> list[Variant]:
             out.append(Variant(name))
         if name == "lora":
             out.append(Variant("lora", optimizer="precond_adamw"))
+            if "loraplus_lr_ratio" in train_keys():  # LoRA+ (an optimizer option), once the trainer has it
+                out.append(Variant("lora", train={"loraplus_lr_ratio": 16}, train_tag="loraplus16"))
         if name == "gplora":  # besides its default (every step, moments reset): DESIGN's transport, every step
             out.append(Variant(name, {"moments": "transport", "every": 1}, tag="transport-every1"))
     if quick and not methods:
@@ -84,6 +86,12 @@ def variants(methods: list[str] | None, quick: bool = False) -> list[Variant]:
         out = exact + [v for v in out if v.method in methods and v.label not in methods
                        and not any(e.method == v.method for e in exact)]
     return out
+
+
+def train_keys() -> set:
+    from omegaconf import OmegaConf
+
+    return set(OmegaConf.load(CONF_DIR / "config.yaml").train)
 
 
 def init_names(inits: list[str] | None) -> list[str]:
@@ -174,7 +182,7 @@ def language_overrides(s: Settings, v: Variant, run: Run) -> list[str]:
         o.append(f"train.max_steps={s.lm_steps}")
     if s.dataset:
         o.append(f"dataset_name={s.dataset}")
-    o += [f"++method.{k}={val}" for k, val in v.overrides.items()]
+    o += [f"++method.{k}={val}" for k, val in v.overrides.items()] + [f"train.{k}={val}" for k, val in v.train.items()]
     if run.init in GRADIENT_DIRECTIONS:
         o += ["+init=gradient", f"++init.direction={run.init}"]
     elif run.init != "default":
@@ -354,11 +362,13 @@ def settings(a) -> Settings:
     s = Settings(out=a.outdir, quick=a.quick, parts=tuple(a.parts), dataset=a.dataset, jobs=a.jobs,
                  threads=a.threads, slurm=a.slurm)
     if a.quick:  # quick: 3 rates, 1 selection seed, 3 final seeds, fewer steps and fewer scored examples
-        s.lr_factors, s.select_seeds, s.final_seeds = (1 / 3, 1.0, 10 / 3), 1, 3
+        s.lr_factors, s.select_seeds, s.final_seeds = (1 / 3, 1.0, 10 / 3, 10.0), 1, 3
         s.reg_steps, s.lm_steps, s.eval_samples, s.score_limit = 200, 64, 128, 128
     for k in ("select_seeds", "final_seeds", "reg_steps", "lm_steps", "score_limit", "target"):
         if getattr(a, k) is not None:
             setattr(s, k, getattr(a, k))
+    if a.lr_factors:
+        s.lr_factors = tuple(a.lr_factors)
     if s.final_seeds < 3 and not a.allow_few_seeds:
         raise SystemExit(f"--final-seeds {s.final_seeds}: intervals need at least 3 seeds (allowed: >= 3; "
                          f"--allow-few-seeds for a smoke test)")
@@ -367,7 +377,7 @@ def settings(a) -> Settings:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m peftlab.lab", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="3 rates, 1 selection + 3 final seeds, shorter runs")
+    ap.add_argument("--quick", action="store_true", help="4 rates, 1 selection + 3 final seeds, shorter runs")
     ap.add_argument("-o", "--outdir", type=Path, default=Path("bench/results/lab"))
     ap.add_argument("--methods", nargs="*", help="registered method names or variant labels (default: all)")
     ap.add_argument("--inits", nargs="*", help="default gaussian pissa LoRA-GA LoRA-One LoRA-FA (default: all)")
@@ -376,6 +386,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--jobs", type=int, default=1, help="local worker processes")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (the lab's models are tiny)")
     ap.add_argument("--slurm", action="store_true", help="language runs go to a sweep file for slurm/array.sbatch")
+    ap.add_argument("--lr-factors", type=float, nargs="+", help="the rate grid, x each method's base rate "
+                    "(default 0.1 1/3 1 10/3 10; quick 1/3 1 10/3 10)")
     ap.add_argument("--select-seeds", type=int, help="selection seeds per rate (default 2, quick 1)")
     ap.add_argument("--final-seeds", type=int, help="fresh seeds at the chosen rate (default 5, quick 3)")
     ap.add_argument("--allow-few-seeds", action="store_true", help=argparse.SUPPRESS)

@@ -101,16 +101,20 @@ def full_loss(layer, task: Regression) -> float:
 
 @dataclass
 class Variant:
-    """A method as the lab runs it: the registered name, method-config overrides and the trainer's optimizer."""
+    """A method as the lab runs it: the registered name, method-config overrides, the trainer's optimizer and
+    train.* overrides (LoRA+: train.loraplus_lr_ratio)."""
     method: str
     overrides: dict = field(default_factory=dict)
     optimizer: str = "adamw"
     tag: str | None = None  # names the overrides in the label (default: their values)
+    train: dict = field(default_factory=dict)
+    train_tag: str | None = None  # "+loraplus16" in the label
 
     @property
     def label(self) -> str:
         extra = f":{self.tag}" if self.tag else "".join(f":{v}" for v in self.overrides.values())
-        return self.method + extra + ("+precond_adamw" if self.optimizer == "precond_adamw" else "")
+        return (self.method + extra + ("+precond_adamw" if self.optimizer == "precond_adamw" else "")
+                + (f"+{self.train_tag}" if self.train_tag else ""))
 
 
 def run_cfg(v: Variant, init: str, lr: float, seed: int):
@@ -123,7 +127,7 @@ def run_cfg(v: Variant, init: str, lr: float, seed: int):
         init_cfg["direction"] = init
     model = OmegaConf.to_container(load_group("model", "tiny"))
     model.update(lr=lr, weight_decay=0.0)
-    train = {**OmegaConf.to_container(base.train), "optimizer": v.optimizer}
+    train = {**OmegaConf.to_container(base.train), "optimizer": v.optimizer, **v.train}
     return OmegaConf.create({"model": model, "train": train,
                              "method": {**OmegaConf.to_container(load_group("method", v.method)), **v.overrides},
                              "init": init_cfg, "seed": seed})

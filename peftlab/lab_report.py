@@ -94,7 +94,8 @@ def selection_lines(sel: list[dict], rates: dict, s) -> list[str]:
     for k, per in by.items():
         cells = [(f"**{lr:.3g}: {statistics.fmean(v):.4g}**" if lr == rates.get(k) else f"{lr:.3g}: "
                   f"{statistics.fmean(v):.4g}") for lr, v in sorted(per.items())]
-        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {', '.join(cells)} |")
+        edge = rates.get(k) in (min(per), max(per)) and len(per) > 1  # the optimum may lie outside the grid
+        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {', '.join(cells)}{' (edge of the grid)' if edge else ''} |")
     return lines
 
 

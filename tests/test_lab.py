@@ -53,7 +53,7 @@ def test_lab_quick_regression_writes_tables_and_resumes_only_what_is_missing(tmp
     md = (tmp_path / "lab.md").read_text()
     assert "| lora | default |" in md and "| lora | LoRA-One |" in md and "## Claims" in md
     runs = sorted((tmp_path / "runs" / "regression").glob("*.json"))
-    assert len(runs) == 2 * 3 * 1 + 2 * 3  # 2 cells x 3 rates x 1 selection seed + 2 cells x 3 final seeds
+    assert len(runs) == 2 * 4 * 1 + 2 * 3  # 2 cells x 4 rates x 1 selection seed + 2 cells x 3 final seeds
     csv_rows = (tmp_path / "regression.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + len(runs)
     assert (tmp_path / "regression.png").stat().st_size > 0
@@ -92,10 +92,10 @@ def test_slurm_mode_writes_a_sweep_file_of_composable_run_lines(tmp_path):
                     "-o", str(tmp_path)])
     assert res == {"pending": "select"}
     lines = (tmp_path / "sweep_select.txt").read_text().splitlines()
-    assert len(lines) == 3  # 3 rates x 1 selection seed
+    assert len(lines) == 4  # 4 rates x 1 selection seed
     jobs = [shlex.split(line) for line in lines]
     assert {o for j in jobs for o in j if o.startswith("model.lr=")} == {"model.lr=0.001", "model.lr=0.003",
-                                                                         "model.lr=0.01"}
+                                                                         "model.lr=0.01", "model.lr=0.03"}
     assert all("+init=gradient" in j and "++init.direction=LoRA-One" in j and "seed=1000" in j for j in jobs)
     assert all(any(o.startswith(f"run_dir={tmp_path}/runs/work/") for o in j) for j in jobs)
     _check_compose(jobs)  # each line is a valid run_exp.py command line
@@ -120,5 +120,13 @@ def test_lab_language_part_runs_trains_and_scores(tmp_path):
     md = (tmp_path / "lab.md").read_text()
     assert "| lora | default |" in md and "base model" in md
     rows = (tmp_path / "language.csv").read_text().splitlines()
-    assert len(rows) == 1 + 3 + 1 + 1  # header, 3 selection rates, the base model, 1 final seed
+    assert len(rows) == 1 + 4 + 1 + 1  # header, 4 selection rates, the base model, 1 final seed
     assert "accuracy_flexible" in rows[0]
+
+
+@pytest.mark.slow
+def test_jobs_fan_out_gives_the_same_results_as_one_process(tmp_path):
+    args = ["--quick", "--methods", "lora", "--inits", "default", "--parts", "regression", "--reg-steps", "30"]
+    lab.main(args + ["-o", str(tmp_path / "one")])
+    lab.main(args + ["--jobs", "2", "-o", str(tmp_path / "two")])
+    assert (tmp_path / "one" / "cells.csv").read_text() == (tmp_path / "two" / "cells.csv").read_text()
