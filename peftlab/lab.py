@@ -36,7 +36,7 @@ from .config import CONF_DIR, load_group
 from .lab_regression import (GRADIENT_DIRECTIONS, Variant, alignment, make_regression,  # noqa: F401 (re-exported)
                              principal_angles, run_regression)
 from .stats import t_interval
-from .utils import atomic_write_json, atomic_write_text, write_csv
+from .utils import atomic_write_json, atomic_write_text, stable_hash
 
 SELECT_SEED0 = 1000  # selection seeds never coincide with the final seeds 0, 1, ...
 # Base learning rate per method where the trainer's model.lr does not suit it (full fine-tuning moves every weight).
@@ -159,12 +159,19 @@ def lr_grid(s: Settings, part: str, v: Variant) -> list[float]:
 
 
 # ---- one run -----------------------------------------------------------------------------------------------------------
+def fingerprint(s: Settings, part: str) -> str:
+    """The settings a run's result depends on besides its key: a changed budget or dataset gets a new folder, so a
+    rerun never mixes results of different settings."""
+    keys = ("reg_steps", "target") if part == "regression" else ("lm_steps", "dataset", "eval_samples", "score_limit")
+    return stable_hash({k: getattr(s, k) for k in keys}, 8)
+
+
 def result_path(s: Settings, run: Run) -> Path:
-    return s.out / "runs" / run.part / f"{run.key}.json"
+    return s.out / "runs" / run.part / fingerprint(s, run.part) / f"{run.key}.json"
 
 
 def work_dir(s: Settings, run: Run) -> Path:
-    return s.out / "runs" / "work" / run.key
+    return s.out / "runs" / "work" / fingerprint(s, "language") / run.key
 
 
 def dataset_cfg(s: Settings):
@@ -227,16 +234,20 @@ def execute(s: Settings, run: Run, v: Variant) -> dict:
 
         from .train import train
 
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=language_overrides(s, v, run))
-        row.update(language_result(s, run, train(cfg)))
+        done = work_dir(s, run) / "summary.json"  # written last by train(): the run finished (e.g. a SLURM task)
+        if done.exists():
+            summary = json.loads(done.read_text())
+        else:
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                summary = train(compose("config", overrides=language_overrides(s, v, run)))
+        row.update(language_result(s, run, summary))
     atomic_write_json(result_path(s, run), row)
     return row
 
 
 def base_model_row(s: Settings) -> dict:
     """The reference: the model without any adapter (eval loss as the trainer computes it; scored as runs are)."""
-    path = s.out / "runs" / "language" / "base.json"
+    path = s.out / "runs" / "language" / fingerprint(s, "language") / "base.json"
     if path.exists():
         return json.loads(path.read_text())
     from accelerate import Accelerator
@@ -251,7 +262,7 @@ def base_model_row(s: Settings) -> dict:
     ds = OmegaConf.merge(dataset_cfg(s)[0], {"eval_samples": s.eval_samples})
     _, eval_ex = train_eval_examples(ds, tok, m.max_length)
     loss = evaluate(model, eval_ex, tok.pad_token_id, m.per_device_batch_size, Accelerator(cpu=True))
-    acc = score(s, ["--model", str(m.name)], s.out / "runs" / "work" / "base" / "eval")
+    acc = score(s, ["--model", str(m.name)], path.parent / "base-eval")
     row = {"part": "language", "label": "base model (no adapter)", "init": "-", "lr": 0.0, "seed": 0,
            "stage": "final", "steps": 0, "initial_eval_loss": loss, "final_eval_loss": loss,
            "accuracy_strict": acc["accuracy_strict"], "accuracy_flexible": acc["accuracy_flexible"],

@@ -52,7 +52,7 @@ def test_lab_quick_regression_writes_tables_and_resumes_only_what_is_missing(tmp
     lab.main(args)
     md = (tmp_path / "lab.md").read_text()
     assert "| lora | default |" in md and "| lora | LoRA-One |" in md and "## Claims" in md
-    runs = sorted((tmp_path / "runs" / "regression").glob("*.json"))
+    runs = sorted((tmp_path / "runs" / "regression").rglob("*.json"))
     assert len(runs) == 2 * 4 * 1 + 2 * 3  # 2 cells x 4 rates x 1 selection seed + 2 cells x 3 final seeds
     csv_rows = (tmp_path / "regression.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + len(runs)
@@ -69,6 +69,29 @@ def test_lab_quick_regression_writes_tables_and_resumes_only_what_is_missing(tmp
     lab.main(args)
     assert calls == [runs[0].stem]
     assert (tmp_path / "cells.csv").read_text() == before  # runs are deterministic per seed
+
+
+def test_a_trained_run_is_scored_without_training_again(tmp_path, monkeypatch):
+    """A SLURM array task (or a lab killed while scoring) left the run's summary.json: the lab only scores it."""
+    import json
+
+    import peftlab.train
+
+    s = lab.Settings(out=tmp_path)
+    run, v = lab.Run("language", "lora", "default", 3e-3, 0, "final"), lab.Variant("lora")
+    work = lab.work_dir(s, run)
+    work.mkdir(parents=True)
+    summary = {"steps": 64, "initial_eval_loss": 1.7, "final_eval_loss": 0.1, "final_train_loss": 0.2,
+               "trainable_params": 10, "train_time_s": 1.0}
+    (work / "summary.json").write_text(json.dumps(summary))
+    monkeypatch.setattr(peftlab.train, "train", lambda cfg: pytest.fail("trained again"))
+    monkeypatch.setattr(lab, "score", lambda s, source, out: {"accuracy_strict": 0.5, "accuracy_flexible": 0.75,
+                                                              "n": 4})
+    row = lab.execute(s, run, v)
+    assert (row["final_eval_loss"], row["accuracy_flexible"], row["seed"]) == (0.1, 0.75, 0)
+    assert json.loads(lab.result_path(s, run).read_text()) == row
+    other = lab.Settings(out=tmp_path, lm_steps=7)  # other settings: another folder, nothing reused
+    assert lab.result_path(other, run) != lab.result_path(s, run) and not lab.result_path(other, run).exists()
 
 
 def test_rate_selection_takes_the_lowest_mean_metric():
