@@ -121,7 +121,10 @@ def write_report(s, sel_rows, fin_rows, base, rates, skipped, errors) -> dict:
                f"d = 64, planted rank 4, anisotropic inputs, adapter rank 8, {s.reg_steps} steps; target: loss <= "
                f"{s.target:g} x L(W0) (a miss counts as {s.reg_steps + 1} steps). Parameters: those the adapter uses "
                f"at the end. Plot: regression.png.", ""]
-        md += table([x for x in stats if x["part"] == "regression"], REG_METRICS) + [""]
+        reached = {c: f"{sum(r['steps_to_target'] is not None for r in rs)}/{len(rs)}"
+                   for c, rs in cell_groups(reg).items()}
+        md += table([x for x in stats if x["part"] == "regression"], REG_METRICS,
+                    ("reached target", lambda m, i: reached[(m, i)])) + [""]
     if lang:
         md += ["## Embedded language task", "",
                f"Dataset {meta['dataset']}, the default run config (tiny Llama, qv r 8) but for the rate, "
