@@ -125,8 +125,9 @@ class Claims:
         self.compare("GP-LoRA accelerates (steps to a loss target)", "regression", ("gplora", "default"), lora)
         self.compare("GP-LoRA ends lower", "language", ("gplora", "default"), lora)
         self.geolora()
-        rot = next((c for c in (list(self.lang) + list(self.reg)) if c[0].startswith("rotational_pissa")
-                    and c[1] == "default"), ("rotational_pissa:way2", "default"))
+        rot = ("rotational_pissa:way2", "default")  # the method's default way; else whichever way ran
+        if rot not in self.lang:
+            rot = next((c for c in self.lang if c[0].startswith("rotational_pissa") and c[1] == "default"), rot)
         self.compare("Rotational PiSSA beats PiSSA", "language", rot, ("lora", "pissa"))
         self.compare("DoRA beats LoRA", "language", ("dora", "default"), lora)
         self.ceiling()
