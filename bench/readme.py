@@ -134,7 +134,7 @@ def lab_block(lab: Path) -> str:
         return "No lab results committed yet (`python -m peftlab.lab`).\n"
     meta = json.loads((lab / "lab.json").read_text())
     out = [f"`{meta['command']}` ({meta['date']}; {meta['machine']}): each method x init at its own rate "
-           f"(chosen on {meta['select_seeds']} selection seed(s) out of {len(meta['lr_factors'])}), then "
+           f"(the best of {len(meta['lr_factors'])} rates on {meta['select_seeds']} selection seed(s)), then "
            f"{meta['final_seeds']} fresh seeds; mean [95% t-interval]. Full tables: `bench/results/lab/lab.md`.", ""]
     cells = read_csv(lab / "cells.csv")
     metrics = (("final_eval_loss", "eval loss", 4), ("accuracy_strict", "accuracy strict", 3),
