@@ -2,7 +2,7 @@
 PYTHON ?= python
 TORCH ?= torch==2.13.0
 
-.PHONY: install run test test-fast bench lab
+.PHONY: install run test test-fast bench lab readme
 install: .installed
 .installed: pyproject.toml
 	$(PYTHON) -m pip install -q $(TORCH)   # first, so pip does not pull a CUDA build for the rest
@@ -20,3 +20,9 @@ test-fast: .installed     # skips the tests marked slow
 
 bench: .installed
 	$(PYTHON) -m bench.run_all
+
+lab: .installed           # the method lab (hours; `python -m peftlab.lab --quick --jobs 2`: under 30 min on 2 cores)
+	$(PYTHON) -m peftlab.lab
+
+readme:                   # rewrite the README's generated figures from bench/results
+	$(PYTHON) -m bench.readme

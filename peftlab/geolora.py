@@ -21,7 +21,7 @@ from torch import nn
 
 from .adapters import apply_adapters
 from .adapters.base import ADAPTABLE
-from .adapters.geolora import GEOLORA, DEFAULTS, GeoLoRALinear, geolora_options, make_geolora_optimizer, rank_metrics
+from .adapters.geolora import GEOLORA, DEFAULTS, GeoLoRALinear, geolora_options, make_geolora_optimizer
 from .optim.step import NonFiniteError, optimizer_step
 from .plots import plot_rank_evolution
 from .utils import atomic_write_text

@@ -440,7 +440,7 @@ def setup(cfg: DictConfig) -> Run:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(cfg)
-    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    world, main = accelerator.num_processes, accelerator.is_main_process
     if accelerator.distributed_type.name == "DEEPSPEED":
         raise ConfigError("peftlab does not train under DeepSpeed; for a sharded base use FSDP (train.fsdp=full_shard "
                           "or conf/accelerate/fsdp.yaml), which keeps the adapters whole")

@@ -46,14 +46,88 @@ def test_lora_fa_recovers_the_row_space_that_the_input_covariance_tilts():
     assert rows["LoRA-One"] < 0.8
 
 
-def test_lab_quick_on_one_method_writes_its_table(tmp_path):
-    lab.main(["--quick", "--methods", "lora", "--inits", "default", "LoRA-One", "--parts", "regression",
-              "--steps", "60", "-o", str(tmp_path)])
+def test_lab_quick_regression_writes_tables_and_resumes_only_what_is_missing(tmp_path, monkeypatch):
+    args = ["--quick", "--methods", "lora", "--inits", "default", "LoRA-One", "--parts", "regression",
+            "--reg-steps", "40", "-o", str(tmp_path)]
+    lab.main(args)
     md = (tmp_path / "lab.md").read_text()
-    assert "| lora | default |" in md and "| lora | LoRA-One |" in md
+    assert "| lora | default |" in md and "| lora | LoRA-One |" in md and "## Claims" in md
+    runs = sorted((tmp_path / "runs" / "regression").rglob("*.json"))
+    assert len(runs) == 2 * 4 * 1 + 2 * 3  # 2 cells x 4 rates x 1 selection seed + 2 cells x 3 final seeds
     csv_rows = (tmp_path / "regression.csv").read_text().splitlines()
-    assert len(csv_rows) == 1 + 2 * 2  # header + 2 inits x 2 seeds
+    assert len(csv_rows) == 1 + len(runs)
     assert (tmp_path / "regression.png").stat().st_size > 0
+    cells = (tmp_path / "cells.csv").read_text()
+    assert "regression,lora,LoRA-One" in cells
+
+    # a killed lab: one stored result lost; the rerun runs that one only and writes the same tables
+    before = (tmp_path / "cells.csv").read_text()
+    runs[0].unlink()
+    calls = []
+    real = lab.execute
+    monkeypatch.setattr(lab, "execute", lambda s, run, v: calls.append(run.key) or real(s, run, v))
+    lab.main(args)
+    assert calls == [runs[0].stem]
+    assert (tmp_path / "cells.csv").read_text() == before  # runs are deterministic per seed
+
+
+def test_a_trained_run_is_scored_without_training_again(tmp_path, monkeypatch):
+    """A SLURM array task (or a lab killed while scoring) left the run's summary.json: the lab only scores it."""
+    import json
+
+    import peftlab.train
+
+    s = lab.Settings(out=tmp_path)
+    run, v = lab.Run("language", "lora", "default", 3e-3, 0, "final"), lab.Variant("lora")
+    work = lab.work_dir(s, run)
+    work.mkdir(parents=True)
+    summary = {"steps": 64, "initial_eval_loss": 1.7, "final_eval_loss": 0.1, "final_train_loss": 0.2,
+               "trainable_params": 10, "train_time_s": 1.0}
+    (work / "summary.json").write_text(json.dumps(summary))
+    monkeypatch.setattr(peftlab.train, "train", lambda cfg: pytest.fail("trained again"))
+    monkeypatch.setattr(lab, "score", lambda s, source, out: {"accuracy_strict": 0.5, "accuracy_flexible": 0.75,
+                                                              "n": 4})
+    row = lab.execute(s, run, v)
+    assert (row["final_eval_loss"], row["accuracy_flexible"], row["seed"]) == (0.1, 0.75, 0)
+    assert json.loads(lab.result_path(s, run).read_text()) == row
+    other = lab.Settings(out=tmp_path, lm_steps=7)  # other settings: another folder, nothing reused
+    assert lab.result_path(other, run) != lab.result_path(s, run) and not lab.result_path(other, run).exists()
+
+
+def test_rate_selection_takes_the_lowest_mean_metric():
+    s = lab.Settings(out=None, reg_steps=100)
+    rows = [{"part": "language", "label": "lora", "init": "default", "lr": lr, "final_eval_loss": v}
+            for lr, v in ((1e-3, 0.5), (1e-3, 0.7), (3e-3, 0.55), (3e-3, 0.56), (1e-2, 0.9), (1e-2, 0.1))]
+    # means 0.6, 0.555, 0.5: the mean decides, not the best single seed (1e-3 has 0.5, 1e-2 has 0.1)
+    assert lab.choose_rates(s, rows) == {("language", "lora", "default"): 1e-2}
+    rows += [{"part": "regression", "label": "lora", "init": "default", "lr": lr, "steps_to_target": st,
+              "final_loss": fl} for lr, st, fl in ((1e-2, None, 0.5), (3e-2, 50, 1e-3), (1e-1, 50, 1e-4))]
+    rates = lab.choose_rates(s, rows)
+    assert rates[("regression", "lora", "default")] == 1e-1  # equal steps: the lower final loss decides
+
+
+def test_slurm_mode_writes_a_sweep_file_of_composable_run_lines(tmp_path):
+    import shlex
+
+    from peftlab.sweep import _check_compose
+
+    res = lab.main(["--quick", "--slurm", "--methods", "lora", "--inits", "LoRA-One", "--parts", "language",
+                    "-o", str(tmp_path)])
+    assert res == {"pending": "select"}
+    lines = (tmp_path / "sweep_select.txt").read_text().splitlines()
+    assert len(lines) == 4  # 4 rates x 1 selection seed
+    jobs = [shlex.split(line) for line in lines]
+    assert {o for j in jobs for o in j if o.startswith("model.lr=")} == {"model.lr=0.001", "model.lr=0.003",
+                                                                         "model.lr=0.01", "model.lr=0.03"}
+    assert all("+init=gradient" in j and "++init.direction=LoRA-One" in j and "seed=1000" in j for j in jobs)
+    assert all(any(o.startswith(f"run_dir={tmp_path}/runs/work/") for o in j) for j in jobs)
+    _check_compose(jobs)  # each line is a valid run_exp.py command line
+
+
+def test_inapplicable_inits_are_listed_not_run():
+    plan, skipped = lab.cells(lab.Settings(out=None), ["rotational_pissa:way2"], ["default", "LoRA-GA"])
+    assert [(v.label, i) for v, i in plan] == [("rotational_pissa:way2", "default")]
+    assert list(skipped.values()) == [["LoRA-GA"]] and "LoRA factors" in next(iter(skipped))[1]
 
 
 def test_unknown_init_is_refused_naming_the_allowed_ones():
@@ -62,9 +136,20 @@ def test_unknown_init_is_refused_naming_the_allowed_ones():
 
 
 @pytest.mark.slow
-def test_lab_language_part_runs(tmp_path):
+def test_lab_language_part_runs_trains_and_scores(tmp_path):
     lab.main(["--quick", "--methods", "lora", "--inits", "default", "--parts", "language", "--lm-steps", "2",
-              "--gsm8k-limit", "4", "-o", str(tmp_path)])
+              "--score-limit", "4", "--select-seeds", "1", "--final-seeds", "1", "--allow-few-seeds",
+              "-o", str(tmp_path)])
     md = (tmp_path / "lab.md").read_text()
     assert "| lora | default |" in md and "base model" in md
-    assert (tmp_path / "language.csv").exists()
+    rows = (tmp_path / "language.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 + 1 + 1  # header, 4 selection rates, the base model, 1 final seed
+    assert "accuracy_flexible" in rows[0]
+
+
+@pytest.mark.slow
+def test_jobs_fan_out_gives_the_same_results_as_one_process(tmp_path):
+    args = ["--quick", "--methods", "lora", "--inits", "default", "--parts", "regression", "--reg-steps", "30"]
+    lab.main(args + ["-o", str(tmp_path / "one")])
+    lab.main(args + ["--jobs", "2", "-o", str(tmp_path / "two")])
+    assert (tmp_path / "one" / "cells.csv").read_text() == (tmp_path / "two" / "cells.csv").read_text()

@@ -100,6 +100,6 @@ def get_adapter_parameters(model: nn.Module) -> ParameterList:
 
 get_lora_parameters = get_adapter_parameters
 
-__all__ = ["AdapterLayer", "MethodSpec", "METHODS", "LoRAConfig", "LoRALinear", "ParameterList", "apply_adapters",
+__all__ = ["AdapterLayer", "MethodOptions", "MethodSpec", "METHODS", "LoRAConfig", "LoRALinear", "ParameterList", "apply_adapters",
            "apply_lora", "merge_adapters", "merge_lora", "get_adapter_parameters", "get_lora_parameters",
            "adapter_layers", "register_method", "get_method", "lora_scaling", "unwrap"]

@@ -1,0 +1,185 @@
+"""The lab's outputs: per-cell 95% intervals, the claims table, CSVs, plots with error bars, lab.md and lab.json.
+
+Files in the output folder: lab.md (everything, readable), cells.csv (one row per part x cell x metric: mean and
+95% t-interval over the final seeds), claims.csv, language.csv / regression.csv (every run, both stages), lab.json
+(when, where, which command: the README's generated block names them), language.png / regression.png.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+
+from .lab_claims import Claims
+from .stats import t_interval
+from .utils import atomic_write_json, atomic_write_text, save_figure, write_csv
+
+LANG_METRICS = (("final_eval_loss", "eval loss"), ("accuracy_strict", "accuracy (strict)"),
+                ("accuracy_flexible", "accuracy (flexible)"), ("train_s", "train s"))
+REG_METRICS = (("steps", "steps to target"), ("final_loss", "final loss / L(W0)"), ("adapter_rank", "adapter rank"),
+               ("params", "parameters"), ("col_alignment", "init col align"), ("row_alignment", "init row align"))
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
+
+
+def cell_groups(rows: list[dict]) -> dict:
+    out: dict = {}
+    for r in rows:
+        out.setdefault((r["label"], r["init"]), []).append(r)
+    return out
+
+
+def metric_value(r: dict, key: str, steps: int):
+    if key == "steps":
+        return r["steps_to_target"] or steps + 1
+    return r.get(key)
+
+
+def cell_stats(part: str, rows: list[dict], rates: dict, metrics, steps: int) -> list[dict]:
+    out = []
+    for (label, init), rs in cell_groups(rows).items():
+        for key, name in metrics:
+            iv = t_interval(metric_value(r, key, steps) for r in rs)
+            out.append({"part": part, "method": label, "init": init, "lr": rates.get((part, label, init), rs[0]["lr"]),
+                        "metric": key, "name": name, "n": iv.n, "mean": iv.mean, "lo": iv.lo, "hi": iv.hi})
+    return out
+
+
+def table(stats: list[dict], metrics, extra=None) -> list[str]:
+    """Markdown: one row per cell, one column per metric: mean [95% CI]."""
+    head = ["method", "init", "lr", "n"] + [n for _, n in metrics] + ([extra[0]] if extra else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    by: dict = {}
+    for st in stats:
+        by.setdefault((st["method"], st["init"]), {})[st["metric"]] = st
+    for (m, i), d in by.items():
+        first = next(iter(d.values()))
+        cols = [m, i, f"{first['lr']:.3g}", str(first["n"])]
+        for key, _ in metrics:
+            st = d[key]
+            digits = 4 if key.endswith("loss") else 3
+            cols.append(fmt(st, digits))
+        if extra:
+            cols.append(extra[1](m, i))
+        lines.append("| " + " | ".join(cols) + " |")
+    return lines
+
+
+def fmt(st: dict, digits: int) -> str:
+    if st["n"] == 0 or st["mean"] != st["mean"]:
+        return "n/a"
+    if st["n"] < 2 or st["lo"] != st["lo"]:
+        return f"{st['mean']:.{digits}g}"
+    return f"{st['mean']:.{digits}g} [{st['lo']:.{digits}g}, {st['hi']:.{digits}g}]"
+
+
+def selection_lines(sel: list[dict], rates: dict, s) -> list[str]:
+    from .lab import select_metric
+
+    lines = ["| part | method | init | mean selection metric per rate (chosen in bold) |", "| --- | --- | --- | --- |"]
+    by: dict = {}
+    for r in sel:
+        by.setdefault((r["part"], r["label"], r["init"]), {}).setdefault(r["lr"], []).append(select_metric(r, s)[0])
+    for k, per in by.items():
+        cells = [(f"**{lr:.3g}: {statistics.fmean(v):.4g}**" if lr == rates.get(k) else f"{lr:.3g}: "
+                  f"{statistics.fmean(v):.4g}") for lr, v in sorted(per.items())]
+        edge = rates.get(k) in (min(per), max(per)) and len(per) > 1  # the optimum may lie outside the grid
+        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {', '.join(cells)}{' (edge of the grid)' if edge else ''} |")
+    return lines
+
+
+def write_report(s, sel_rows, fin_rows, base, rates, skipped, errors) -> dict:
+    out = s.out
+    lang = [r for r in fin_rows if r["part"] == "language"]
+    reg = [r for r in fin_rows if r["part"] == "regression"]
+    stats = cell_stats("regression", reg, rates, REG_METRICS, s.reg_steps) + \
+        cell_stats("language", ([base] if base else []) + lang, rates, LANG_METRICS, s.reg_steps)
+    claims = Claims(lang, reg, s.reg_steps, s.target).all()
+    cmd = "python -m peftlab.lab" + (" --quick" if s.quick else "")
+    meta = {"command": cmd, "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": machine(),
+            "final_seeds": s.final_seeds, "select_seeds": s.select_seeds, "lr_factors": list(s.lr_factors),
+            "reg_steps": s.reg_steps, "lm_steps": s.lm_steps, "score_limit": s.score_limit,
+            "eval_samples": s.eval_samples, "dataset": s.dataset or "default", "target": s.target}
+    md = ["# peftlab method lab", "", f"`{cmd}`, {meta['date']}, {meta['machine']}.", "",
+          f"Each cell (method variant x init) ran at every rate of {', '.join(f'{f:.3g}' for f in s.lr_factors)} x "
+          f"its base rate on {s.select_seeds} selection seed(s); the rate with the lowest mean selection metric (eval "
+          f"loss; regression: steps to target) then ran on {s.final_seeds} fresh seeds (0..{s.final_seeds - 1}, shared "
+          f"by every cell). Figures: mean [95% t-interval] over those seeds.", ""]
+    if reg:
+        md += ["## Planted low-rank regression", "",
+               f"d = 64, planted rank 4, anisotropic inputs, adapter rank 8, {s.reg_steps} steps; target: loss <= "
+               f"{s.target:g} x L(W0) (a miss counts as {s.reg_steps + 1} steps). Parameters: those the adapter uses "
+               f"at the end. Plot: regression.png.", ""]
+        reached = {c: f"{sum(r['steps_to_target'] is not None for r in rs)}/{len(rs)}"
+                   for c, rs in cell_groups(reg).items()}
+        md += table([x for x in stats if x["part"] == "regression"], REG_METRICS,
+                    ("reached target", lambda m, i: reached[(m, i)])) + [""]
+    if lang:
+        md += ["## Embedded language task", "",
+               f"Dataset {meta['dataset']}, the default run config (tiny Llama, qv r 8) but for the rate, "
+               f"{s.lm_steps or 'the default number of'} optimizer steps; eval loss on {s.eval_samples} validation "
+               f"examples (the selection metric); accuracy: greedy, strict and flexible extraction, first "
+               f"{s.score_limit} test examples. Plot: language.png.", ""]
+        md += table([x for x in stats if x["part"] == "language"], LANG_METRICS) + [""]
+    md += ["## Claims", "", "| claim | evidence | test | estimate | verdict |", "| --- | --- | --- | --- | --- |"]
+    md += [f"| {c['claim']} | {c['evidence']} | {c['test']} | {c['estimate']} | **{c['verdict']}** |" for c in claims]
+    md += ["", "## Rate selection", ""] + selection_lines(sel_rows, rates, s) + [""]
+    if skipped or errors:
+        md += ["## Not run", ""] + [f"- {m} x {', '.join(i)}: {why}" for (m, why), i in skipped.items()]
+        md += [f"- failed: {e}" for e in errors] + [""]
+    plots = plot(out, stats)
+    if plots:
+        md += [plots, ""]
+    write_csv(out / "cells.csv", stats)
+    if claims:
+        write_csv(out / "claims.csv", claims)
+    for part, rows in (("language", sel_rows + ([base] if base else []) + lang), ("regression", sel_rows + reg)):
+        rows = [r for r in rows if r["part"] == part]
+        if rows:
+            keys = list(dict.fromkeys(k for r in rows for k in r if k != "curve"))
+            write_csv(out / f"{part}.csv", sorted(rows, key=lambda r: (r["stage"], r["label"], r["init"], r["lr"],
+                                                                        r["seed"])), keys)
+    atomic_write_json(out / "lab.json", meta)
+    atomic_write_text(out / "lab.md", "\n".join(md) + "\n")
+    print("\n".join(md))
+    return {"stats": stats, "claims": claims, "meta": meta}
+
+
+def plot(out, stats: list[dict]) -> str | None:
+    """Bars with 95% error bars per cell; None when done, else a one-line note (matplotlib is optional)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "Plots skipped: matplotlib is not installed (pip install matplotlib)."
+    panels = {"language": ("final_eval_loss", "accuracy_strict"), "regression": ("steps", "adapter_rank")}
+    for part, keys in panels.items():
+        rows = [x for x in stats if x["part"] == part]
+        if not rows:
+            continue
+        fig, axes = plt.subplots(1, len(keys), figsize=(12, 4))
+        for ax, key in zip(axes, keys):
+            sel = [x for x in rows if x["metric"] == key and x["n"] > 0]
+            err = [[0 if x["lo"] != x["lo"] else x["mean"] - x["lo"] for x in sel],
+                   [0 if x["hi"] != x["hi"] else x["hi"] - x["mean"] for x in sel]]
+            ax.bar(range(len(sel)), [x["mean"] for x in sel], yerr=err, capsize=3)
+            ax.set_xticks(range(len(sel)), [f"{x['method']}\n{x['init']}" for x in sel], rotation=60, fontsize=7,
+                          ha="right")
+            ax.set_title(f"{sel[0]['name'] if sel else key} (mean, 95% CI)", fontsize=9)
+        fig.tight_layout()
+        save_figure(fig, out / f"{part}.png", dpi=110)
+        plt.close(fig)
+    return None
