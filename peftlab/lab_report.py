@@ -158,13 +158,11 @@ def write_report(s, sel_rows, fin_rows, base, rates, skipped, errors) -> dict:
 
 def plot(out, stats: list[dict]) -> str | None:
     """Bars with 95% error bars per cell; None when done, else a one-line note (matplotlib is optional)."""
-    try:
-        import matplotlib
+    from .plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "Plots skipped: matplotlib is not installed (pip install matplotlib)."
+    plt = pyplot("the lab's plots")
+    if plt is None:
+        return "Plots skipped: matplotlib is not installed (pip install 'peftlab[plots]')."
     panels = {"language": ("final_eval_loss", "accuracy_strict"), "regression": ("steps", "adapter_rank")}
     for part, keys in panels.items():
         rows = [x for x in stats if x["part"] == part]

@@ -343,11 +343,11 @@ def geolora_rank_curve(run: Run) -> tuple[list[int], list[float]]:
 
 
 def make_plots(runs: list[Run], keys: list[str], outdir: Path) -> list[str]:
-    import matplotlib
+    from .plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("the report's plots")  # an optional extra
+    if plt is None:
+        return []
     made = []
     fig = loss_figure(runs, keys)
     if fig is not None:
