@@ -29,7 +29,8 @@ def worker(arm: str, out: Path, hidden: int, layers: int, steps: int, batch: int
     from bench.common import held_mb, llama, timed
     from peftlab.adapters import apply_adapters
     from peftlab.fsdp import average_gradients, shard_frozen_base
-    from peftlab.train import make_accelerator, token_loss_sum
+    from peftlab.loss import token_loss_sum
+    from peftlab.train import make_accelerator
 
     acc = make_accelerator(OmegaConf.create({"model": {"bf16": False}}))
     rank, world = acc.process_index, acc.num_processes

@@ -74,7 +74,7 @@ def make_variant(variant: str, dev: torch.device):
     from peftlab.adapters import apply_adapters
     from peftlab.data.datasets import collate
     from peftlab.init.gradient import estimate_gradient
-    from peftlab.train import token_loss_sum
+    from peftlab.loss import token_loss_sum
 
     model = make_model(dev)
     samples = make_samples(N_SAMPLES)

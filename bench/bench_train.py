@@ -25,7 +25,8 @@ from bench.common import interleaved_times, llama, write
 from peftlab.adapters import METHODS, apply_adapters, get_method
 from peftlab.config import CONF_DIR, load_group
 from peftlab.loss import loss_sum
-from peftlab.train import build_optimizer, token_loss_sum
+from peftlab.loss import token_loss_sum
+from peftlab.train import build_optimizer
 
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # extra configurations of a method worth timing apart (name suffix -> method config overrides)
@@ -63,7 +64,7 @@ def make_step(model, spec, cfg, batch, n_targets, autocast_dtype=None, chunk=0):
     import contextlib
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(cfg, spec, model, params) if spec is not None else torch.optim.AdamW(
+    optimizer = build_optimizer(cfg, spec, spec.parse(cfg.method), model, params) if spec is not None else torch.optim.AdamW(
         params, lr=cfg.model.lr, weight_decay=cfg.model.weight_decay, betas=tuple(cfg.train.adam_betas),
         eps=cfg.train.adam_eps)
     count = [0]

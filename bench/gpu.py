@@ -150,7 +150,7 @@ def gradient_estimation(base, seq: int, n_samples: int, bsz: int, repeats: int) 
     from peftlab.adapters import apply_adapters
     from peftlab.data.datasets import Example, collate
     from peftlab.init.gradient import estimate_gradient
-    from peftlab.train import token_loss_sum
+    from peftlab.loss import token_loss_sum
 
     dev = next(base.parameters()).device
     vocab = base.config.vocab_size

@@ -243,6 +243,9 @@ def resolve_config(cfg: DictConfig | dict) -> DictConfig:
     out["train"] = build(TrainConfig, raw.get("train"), "train")
     out["wandb"] = build(WandbConfig, raw.get("wandb"), "wandb")
     run = build(RunConfig, out, "")
+    if run.train.optimizer == "precond_adamw" and not spec.lora_factors:
+        fail("train.optimizer", "precond_adamw", f"preconditions LoRA factors (lora_A, lora_B), which method "
+             f"{method_name!r} does not have; use train.optimizer=adamw", "train.optimizer=adamw")
     for section in (out["init"], out["method"]):  # rules that involve other groups
         if hasattr(section, "check_run"):
             section.check_run(run)

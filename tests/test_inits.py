@@ -17,7 +17,7 @@ from peftlab.export import save_peft_adapter
 from peftlab.init import InitContext, get_init
 from peftlab.init.directions import inverse_sqrt_metric, lora_fa, lora_ga, lora_one, rank_by_energy
 from peftlab.init.gradient import calibration_samples
-from peftlab.train import token_loss_sum
+from peftlab.loss import token_loss_sum
 from test_gradient_estimation import init_cfg, load, peft_cfg, random_examples
 
 ROOT = Path(__file__).resolve().parents[1]

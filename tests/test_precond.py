@@ -81,9 +81,13 @@ def test_non_lora_adapters_and_methods_with_their_own_optimizer_are_refused():
     rot = nn.Sequential(RotationalPiSSALinear(nn.Linear(6, 5), RotationalPiSSAConfig(r=2)))
     with pytest.raises(ValueError, match=r"\['RotationalPiSSALinear'\] layers have none"):
         PrecondAdamW(rot, [p for p in rot.parameters() if p.requires_grad], lr=0.1)
-    cfg = resolve_config(compose_cfg(["method=geolora", "train.optimizer=precond_adamw"]))
+    cfg = resolve_config(compose_cfg(["method=geolora"]))
     spec = get_method("geolora")
-    geo = nn.Sequential(spec.make_layer(nn.Linear(6, 5), OmegaConf.create({"lora_r": 2, "lora_alpha": 2}),
-                                        cfg.method))
+    options = spec.parse(cfg.method)
+    geo = nn.Sequential(spec.make_layer(nn.Linear(6, 5), OmegaConf.create({"lora_r": 2, "lora_alpha": 2}), options))
+    precond = OmegaConf.merge(cfg, {"train": {"optimizer": "precond_adamw"}})  # past the config check, as by hand
     with pytest.raises(ValueError, match="method=geolora, which brings its own optimizer"):
-        build_optimizer(cfg, spec, geo, [p for p in geo.parameters() if p.requires_grad])
+        build_optimizer(precond, spec, options, geo, [p for p in geo.parameters() if p.requires_grad])
+    for method in ("geolora", "rotational_pissa"):  # and the run refuses it before anything loads
+        with pytest.raises(ValueError, match=f"train.optimizer = 'precond_adamw': preconditions LoRA factors"):
+            resolve_config(compose_cfg([f"method={method}", "train.optimizer=precond_adamw"]))
