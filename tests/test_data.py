@@ -88,7 +88,7 @@ def test_missing_file_names_it(tmp_path, tok):
 
 def test_row_without_field_names_row_and_fields(tmp_path, tok):
     f = write_jsonl(tmp_path / "bad.jsonl", [ROWS["gsm8k"], ROWS["gsm8k"], {"question": "q", "solution": "s"}])
-    with pytest.raises(ValueError, match=r"bad.jsonl: row 2 has no field 'answer'.*found \['question', 'solution'\]"):
+    with pytest.raises(ValueError, match=r"bad.jsonl line 3: no field 'answer'.*found \['question', 'solution'\]"):
         train_eval_examples(ds_cfg("gsm8k", f), tok, 64)
 
 

@@ -364,7 +364,7 @@ def test_bad_options_fail_clearly():
         RotationalPiSSAConfig(way="way9")
     with pytest.raises(ValueError, match="merge_every >= 1"):
         RotationalPiSSAConfig(merge_every=0)
-    with pytest.raises(ValueError, match=r"unknown rotational_pissa option\(s\) \['wya'\]; allowed: .*'way'"):
+    with pytest.raises(ValueError, match=r"unknown key method.wya = 'way1': method \(rotational_pissa\) has \[.*'way'"):
         config_from(OmegaConf.create({"name": "rotational_pissa", "wya": "way1"}), 4)
     with pytest.raises(ValueError, match="exceeds the layer's smaller dimension 12"):
         layer(extra_principal_dims=9)
@@ -450,7 +450,7 @@ def test_seed_config_names_and_defaults():
     assert (c.way, c.dropout) == ("way3", 0.1)
     with pytest.raises(ValueError, match="give one"):
         RotationalPiSSAConfig(method="way1", way="way2")
-    with pytest.raises(ValueError, match="unknown rotational_pissa option"):
+    with pytest.raises(ValueError, match="unknown key method.method"):
         config_from(OmegaConf.create({"name": "rotational_pissa", "method": "way1"}), 4)  # Hydra: way only
 
 

@@ -59,7 +59,7 @@ def test_sweep_rejects_what_the_array_script_sets_and_bad_syntax():
         expand(["hydra.run.dir=x"])
     with pytest.raises(ValueError, match="cannot expand the sweep"):
         expand(["seed=1,"])
-    with pytest.raises(ValueError, match=r"job 0 \(seed=1 nope=3\) does not compose"):
+    with pytest.raises(ValueError, match=r"job 0 \(seed=1 nope=3\): Could not override 'nope'"):
         expand(["seed=1,2", "nope=3"])
     with pytest.raises(ValueError, match="not options"):
         expand(["-m", "seed=1,2"])

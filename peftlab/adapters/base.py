@@ -205,7 +205,8 @@ class MethodSpec:
     output_preserved_at_init: bool = True
 
     def parse(self, given: Any = None):
-        """The checked options from a mapping (a config group, a dict, None: the defaults), or as given."""
+        """The checked options from a mapping (a config group, a dict, None: the defaults), or as given (the hooks
+        call it first, so they take either)."""
         if isinstance(given, self.options):
             return given
         from ..schema import build

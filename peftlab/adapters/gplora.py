@@ -62,6 +62,7 @@ class Linear(LoRALinear):
 
 class GPLoRA(MethodSpec):
     def after_step(self, model, optimizer, step: int, o: GPLoRAOptions) -> dict[str, float]:
+        o = self.parse(o)  # the trainer's typed options as they are; a mapping (tests, scripts) is checked
         if step <= o.warmup_steps or step % o.every:
             return {}
         return gauge_project_model(model, mu=o.mu, eps=o.eps, eig_floor=o.eig_floor, guard=o.guard,

@@ -442,19 +442,21 @@ CONFIG_KEYS = tuple(f.name for f in fields(RotationalPiSSAOptions) if f.name != 
 
 def config_from(options: RotationalPiSSAOptions | None, r: int, dropout: float = 0.0) -> RotationalPiSSAConfig:
     """The method options as the seed's RotationalPiSSAConfig; r comes from peft.lora_r."""
-    options = options or RotationalPiSSAOptions()
+    options = ROTATIONAL_PISSA.parse(options)
     return RotationalPiSSAConfig(r=r, dropout=dropout, **{k: getattr(options, k) for k in CONFIG_KEYS})
 
 
 class RotationalPiSSA(MethodSpec):
     def extra_loss(self, model, o: RotationalPiSSAOptions):
         """way0's orthogonality penalty, summed over layers."""
+        o = self.parse(o)
         if o.way != "way0" or not o.orthogonality_reg_weight:
             return None
         return o.orthogonality_reg_weight * sum(l.orthogonality_penalty() for l in adapter_layers(model).values())
 
     @torch.no_grad()
     def after_step(self, model, optimizer, step, o: RotationalPiSSAOptions):
+        o = self.parse(o)
         if o.way == "way1" and step % o.merge_every == 0:
             for l in adapter_layers(model).values():
                 l.merge_rotations_(optimizer)
