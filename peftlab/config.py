@@ -62,7 +62,7 @@ def resolve_config(cfg: DictConfig) -> DictConfig:
         cfg.peft = _with_group_defaults(cfg, "peft", (cfg.get("peft") or {}).get("target_set") or DEFAULT_CHOICES["peft"])
         cfg.align = _with_group_defaults(cfg, "align", (cfg.get("align") or {}).get("name") or DEFAULT_CHOICES["align"])
 
-    get_method(cfg.method.name)  # raises listing the methods
+    get_method(cfg.method.name).check_config(cfg)  # raises listing the methods; a method refuses inits it cannot take
     get_init(cfg.init.name).validate(cfg.init)
     if cfg.align.name != "none":
         from .align import validate_align_cfg
@@ -79,6 +79,9 @@ def resolve_config(cfg: DictConfig) -> DictConfig:
     _check_choice("wandb.mode", cfg.wandb.mode, WANDB_MODES)
     _check_choice("train.scheduler", cfg.train.scheduler, SCHEDULERS)
     _check_choice("train.optimizer", cfg.train.optimizer, OPTIMIZERS)
+    from .optim.loraplus import check_ratio
+
+    check_ratio(cfg.train.get("loraplus_lr_ratio"))
     m = cfg.model
     for key in ("per_device_batch_size", "real_batch_size", "max_length"):
         if int(m[key]) < 1:

@@ -1,7 +1,8 @@
 """Interoperability: every method's trained change saved as an HF PEFT LoRA adapter on the ORIGINAL base weights,
 and the merged model through ``save_pretrained``.
 
-Each adapter layer gives (A, B) with B @ A = W_final - W_original exactly (``AdapterLayer.to_lora``). PEFT computes
+Each adapter layer gives (A, B) with B @ A = W_final - W_original exactly (``AdapterLayer.to_lora``; DoRA: the
+direction's change, written with its magnitude vector as a ``use_dora`` adapter). PEFT computes
 scaling * B @ A, so per layer we store A and B / scaling with a rank and an alpha (``rank_pattern``/``alpha_pattern``
 where a layer differs from the most common values) chosen so that PEFT's scaling is the layer's own.
 """
@@ -44,6 +45,8 @@ def lora_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, tup
         rslora_flags.add(rs)
         tensors[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = (B / scaling).contiguous()
+        if hasattr(layer, "lora_magnitude_vector"):  # DoRA: PEFT's key has no ".weight"
+            tensors[f"base_model.model.{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach().float()
         ranks[name] = (r, alpha)
     if len(rslora_flags) > 1:
         raise ValueError("cannot export a model that mixes rsLoRA and plain LoRA scaling in one adapter")
@@ -72,6 +75,7 @@ def save_peft_adapter(model: nn.Module, folder: str | Path, base_model_name_or_p
         "r": int(r),
         "lora_alpha": float(alpha),
         "use_rslora": use_rslora,
+        "use_dora": any(hasattr(l, "lora_magnitude_vector") for l in layers.values()),
         "target_modules": sorted(layers),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,

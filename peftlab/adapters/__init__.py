@@ -10,7 +10,7 @@ from .base import (AdapterLayer, MethodSpec, adapter_layers, find_targets, resol
                    unwrap)
 from .lora import LORA, LoRALinear, lora_scaling
 
-METHODS: Registry = Registry("method", __name__, ("gplora", "geolora", "rotational_pissa"))
+METHODS: Registry = Registry("method", __name__, ("gplora", "geolora", "rotational_pissa", "dora", "full"))
 register_method = METHODS.register
 get_method = METHODS.lookup
 register_method(LORA)
@@ -20,6 +20,9 @@ def apply_adapters(model: nn.Module, peft_cfg: Any, method_cfg: Any = None, meth
                    model_type: str | None = None) -> dict[str, AdapterLayer]:
     """The one generic entry: replace every target module with the method's layer; freeze everything else."""
     spec = get_method(method)
+    own = spec.apply(model, peft_cfg, method_cfg, model_type)
+    if own is not None:
+        return own
     patterns = resolve_target_patterns(peft_cfg.get("target_set"), peft_cfg.get("lora_target_modules"),
                                        model_type or getattr(getattr(model, "config", None), "model_type", None))
     names = find_targets(model, patterns)
@@ -59,6 +62,25 @@ def get_adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 get_lora_parameters = get_adapter_parameters
 
+
+def trainable_state(model: nn.Module) -> dict:
+    """What a checkpoint holds: each adapter layer's state by name; with method=full, the whole state_dict."""
+    from .full import full_state, is_full
+
+    if is_full(model):
+        return full_state(model)
+    return {n: l.adapter_state() for n, l in adapter_layers(model).items()}
+
+
+def load_trainable_state(model: nn.Module, states: dict, source: str) -> bool:
+    """Load a method=full checkpoint state into the model and return True; False for adapter states."""
+    from .full import STATE_KEY, is_full, load_full_state
+
+    if STATE_KEY not in states and not is_full(model):
+        return False
+    load_full_state(model, states, source)
+    return True
+
 __all__ = ["AdapterLayer", "MethodSpec", "METHODS", "LoRALinear", "apply_adapters", "apply_lora", "merge_adapters",
            "merge_lora", "get_adapter_parameters", "get_lora_parameters", "adapter_layers", "register_method",
-           "get_method", "lora_scaling", "unwrap"]
+           "get_method", "lora_scaling", "unwrap", "trainable_state", "load_trainable_state"]

@@ -239,6 +239,19 @@ class MethodSpec:
     name: str
     make_layer: Callable[..., AdapterLayer]
     defaults: dict[str, Any] = field(default_factory=dict)
+    inits: tuple[str, ...] | None = None  # the inits the method accepts (None: any)
+    exports_adapter = True  # False: no PEFT adapter applies (full fine-tuning); the run saves merged/ instead
+    export_note = None  # why not, for the run's summary
+
+    def apply(self, model: nn.Module, peft_cfg: Any, method_cfg: Any, model_type: str | None) -> dict | None:
+        """None: the generic path (freeze, wrap every target in make_layer); a method without layers overrides."""
+        return None
+
+    def check_config(self, cfg: Any) -> None:
+        """Before the model loads: refuse what the method cannot do (an init it has no meaning for)."""
+        if self.inits is not None and cfg.init.name not in self.inits:
+            raise ValueError(f"method={self.name} does not take init={cfg.init.name}; allowed inits: "
+                             f"{list(self.inits)}")
 
     def make_optimizer(self, model: nn.Module, params: Iterable[nn.Parameter], train_cfg: Any, method_cfg: Any):
         """None lets the trainer build its default AdamW."""
