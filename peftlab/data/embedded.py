@@ -53,6 +53,43 @@ def make_problem(rng: random.Random) -> dict:
     return {"question": q, "answer": f"{name} has {steps} {item}.\n#### {n}"}
 
 
+# ---- the second task, "inventory": adaptation is needed ---------------------------------------------------------------
+# A person holds four kinds of things with distinct counts, listed as "item count"; the question asks for one count,
+# or one count plus or minus one. The answer names the item, then its count and the step in pretraining's equation form
+# ("Tom: marbles 3 + 1 = 4."), and ends in '#### N'. Picking the asked count out of a list is a skill the pretraining
+# never shows (every pretraining question uses every number it gives, in order; see pretrain_text). Counts 2..20.
+# Why this form: with the item right before its count, in the list and in the answer, the pick is a copy of the token
+# that followed the same item (what induction heads do); with the count before the item (an earlier version) full
+# fine-tuning did not learn to pick within the default run's budget (chance level), and sums of two counts were
+# dropped because the tiny model's two-number addition stays poor (~30% after full fine-tuning).
+INVENTORY_VERSION = "inventory-v2"  # part of the data cache folder: change it when the generator changes
+INVENTORY_KINDS = ("lookup", "plus_one", "minus_one")
+
+
+def make_inventory_problem(rng: random.Random) -> dict:
+    """One inventory problem in GSM8K's schema, with its kind (for per-kind scores)."""
+    name = rng.choice(NAMES)
+    items = rng.sample(ITEMS, 4)
+    counts = rng.sample(range(2, 21), 4)
+    held = ", ".join(f"{i} {n}" for i, n in zip(items, counts))
+    kind = rng.choice(INVENTORY_KINDS)
+    j = rng.randrange(4)
+    n, item = counts[j], items[j]
+    if kind == "lookup":
+        ask, steps, ans = f"How many {item} does {name} have?", f"{n}", n
+    elif kind == "plus_one":
+        ask, steps, ans = (f"{name} finds one more {item[:-1]}. How many {item} does {name} have now?",
+                           f"{n} + 1 = {n + 1}", n + 1)
+    else:
+        ask, steps, ans = (f"{name} loses one {item[:-1]}. How many {item} does {name} have now?",
+                           f"{n} - 1 = {n - 1}", n - 1)
+    return {"question": f"{name} has: {held}. {ask}", "answer": f"{name}: {item} {steps}.\n#### {ans}",
+            "kind": kind}
+
+
+TASKS = {"arith": make_problem, "inventory": make_inventory_problem}  # embedded:<task>
+
+
 def pretrain_text(rng: random.Random) -> tuple[str, str]:
     """Related text for pretraining, as (prompt, continuation) tokenised apart as fine-tuning does: the same problems
     in the "Q: ...\nA: " format with a plain-sentence answer (no '#### N' line), and sums."""
@@ -76,9 +113,12 @@ def _locked(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def ensure_dataset() -> Path:
-    """The folder holding train/validation/test .jsonl files (GSM8K schema: question, answer)."""
-    root = cache_root() / VERSION / "data"
+def ensure_dataset(task: str = "arith") -> Path:
+    """The folder holding a task's train/validation/test .jsonl files (GSM8K schema: question, answer)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown embedded task {task!r}; allowed: {sorted(TASKS)}")
+    make = TASKS[task]
+    root = cache_root() / VERSION / ("data" if task == "arith" else f"data-{INVENTORY_VERSION}")
     if (root / "test.jsonl").exists():
         return root
     with _locked(cache_root() / f"{VERSION}.lock"):
@@ -86,7 +126,7 @@ def ensure_dataset() -> Path:
             with atomic_dir(root) as tmp:
                 for split, n in SPLIT_SIZES.items():
                     rng = random.Random(SPLIT_SEEDS[split])
-                    rows = [json.dumps(make_problem(rng)) for _ in range(n)]
+                    rows = [json.dumps(make(rng)) for _ in range(n)]
                     (tmp / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
     return root
 

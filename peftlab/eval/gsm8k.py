@@ -122,10 +122,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---- data ---------------------------------------------------------------------------------------------------------
 def data_file(data: str, split: str) -> Path | None:
     """The local file holding a split, or None for a hub dataset."""
-    if data in ("embedded", "embedded:arith"):
+    if data == "embedded" or data.startswith("embedded:"):  # 'embedded' is the first task, arith
         from ..data.embedded import ensure_dataset
 
-        data = str(ensure_dataset())
+        data = str(ensure_dataset(data.removeprefix("embedded").removeprefix(":") or "arith"))
     p = Path(data)
     if p.is_dir():
         for suffix in LOCAL_SUFFIXES:
@@ -442,7 +442,9 @@ def default_data(src: dict) -> str:
     ds_path = str(_select(src["run_cfg"], "dataset.path") or "")
     embedded_model = src["model"].startswith("embedded:") or Path(src["path"]).resolve() == (
         cache_root() / VERSION / "tiny-llama").resolve()
-    return "embedded" if ds_path.startswith("embedded:") or (not ds_path and embedded_model) else "openai/gsm8k"
+    if ds_path.startswith("embedded:"):  # the run's own embedded task
+        return ds_path
+    return "embedded" if not ds_path and embedded_model else "openai/gsm8k"
 
 
 def setup_distributed() -> tuple[int, int, torch.device, bool]:
