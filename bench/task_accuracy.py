@@ -27,7 +27,8 @@ BOUNDS = {"base": ("<=", 0.15), "full": (">=", 0.85), "lora": (">=", 0.40)}
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", default="inventory", help="the dataset_name (conf/dataset/<name>.yaml)")
-    p.add_argument("--methods", nargs="+", default=["full", "lora"])
+    p.add_argument("--methods", nargs="+", default=["full", "lora"],
+                   help="methods, or LABEL=METHOD for a variant (e.g. lora_all=lora --set lora_all:+peft=all)")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--set", nargs="*", default=[], metavar="METHOD:OVERRIDE",
                    help="extra overrides for one method, e.g. full:model.lr=1e-3")
@@ -74,7 +75,7 @@ def run_one(a, method: str, seed: int) -> dict:
     """One child: train (unless method is base) and score; the row goes to <work>/<method>-s<seed>/row.json."""
     from peftlab.utils import atomic_write_json
 
-    run_dir = Path(a.work).resolve() / f"{method}-s{seed}"
+    run_dir = Path(a.work).resolve() / f"{method.partition('=')[0]}-s{seed}"
     t0 = time.time()
     if method == "base":
         row = {"method": "base", "seed": seed, **score(["--model", "embedded:tiny-llama"], a.task,
@@ -85,13 +86,14 @@ def run_one(a, method: str, seed: int) -> dict:
         from peftlab.config import CONF_DIR
         from peftlab.train import train
 
-        extra = [s.split(":", 1)[1] for s in a.set if s.split(":", 1)[0] == method]
-        overrides = [f"dataset_name={a.task}", f"method={method}", f"seed={seed}", f"run_dir={run_dir}",
+        label, _, name = method.partition("=")
+        extra = [s.split(":", 1)[1] for s in a.set if s.split(":", 1)[0] == label]
+        overrides = [f"dataset_name={a.task}", f"method={name or label}", f"seed={seed}", f"run_dir={run_dir}",
                      "wandb.mode=disabled", "train.save_every=0", *extra]
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose("config", overrides=overrides)
         s = train(cfg)
-        row = {"method": method, "seed": seed, "overrides": overrides, "steps": s["steps"],
+        row = {"method": label, "seed": seed, "overrides": overrides, "steps": s["steps"],
                "train_time_s": s["train_time_s"], "final_eval_loss": s["final_eval_loss"],
                "trainable_params": s["trainable_params"],
                **score(["--run_dir", str(run_dir)], a.task, run_dir / "eval", a.limit)}
@@ -121,7 +123,8 @@ def main(argv=None) -> dict:
     from bench.common import RESULTS, machine
     from peftlab.utils import atomic_write_json
 
-    jobs = [("base", 0)] + [(m, s) for s in a.seeds for m in a.methods]
+    jobs = [("base", 0)] + [(m.partition("=")[0], s) for s in a.seeds for m in a.methods]
+    spelled = {m.partition("=")[0]: m for m in a.methods}  # the child gets LABEL=METHOD back
     work = Path(a.work).resolve()
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -135,8 +138,9 @@ def main(argv=None) -> dict:
             m, s = todo.pop(0)
             (work / f"{m}-s{s}").mkdir(parents=True, exist_ok=True)
             log = open(work / f"{m}-s{s}" / "log.txt", "w")
-            running.append(((m, s), subprocess.Popen(child + ["--one", m, str(s)], cwd=ROOT, env=env, stdout=log,
-                                                     stderr=subprocess.STDOUT)))
+            proc = subprocess.Popen(child + ["--one", spelled.get(m, m), str(s)], cwd=ROOT, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT)
+            running.append(((m, s), proc))
         time.sleep(2)
         for job, p in list(running):
             if p.poll() is not None:

@@ -54,37 +54,45 @@ def make_problem(rng: random.Random) -> dict:
 
 
 # ---- the second task, "inventory": adaptation is needed ---------------------------------------------------------------
-# A person holds four kinds of things with distinct counts, listed as "item count"; the question asks for one count,
-# or one count plus or minus one. The answer names the item, then its count and the step in pretraining's equation form
-# ("Tom: marbles 3 + 1 = 4."), and ends in '#### N'. Picking the asked count out of a list is a skill the pretraining
-# never shows (every pretraining question uses every number it gives, in order; see pretrain_text). Counts 2..20.
-# Why this form: with the item right before its count, in the list and in the answer, the pick is a copy of the token
-# that followed the same item (what induction heads do); with the count before the item (an earlier version) full
-# fine-tuning did not learn to pick within the default run's budget (chance level), and sums of two counts were
-# dropped because the tiny model's two-number addition stays poor (~30% after full fine-tuning).
-INVENTORY_VERSION = "inventory-v2"  # part of the data cache folder: change it when the generator changes
-INVENTORY_KINDS = ("lookup", "plus_one", "minus_one")
+# Numbers written as words, which the pretraining never shows (see pretrain_text; tests/test_inventory.py checks the
+# whole corpus), so the base model cannot read them and scores near zero. Two kinds, half each:
+#   read:     "Tom has four pens. How many pens does Tom have?" -> "Tom has 4 pens.\n#### 4"
+#   one_step: "Tom has 9 pens. Tom loses two. How many pens does Tom have now?" -> "Tom has 9 - 2 = 7 pens.\n#### 7"
+# The answers use pretraining's sentence and equation forms, so what must be learnt is reading the words (a map from
+# a few character-level tokens to a number token) and small-step arithmetic the tiny model does badly (its base
+# accuracy on "n + 1 =" is ~0): knowledge in embeddings and MLPs, where a rank-8 qv LoRA has the least reach.
+# Earlier versions, measured with bench/task_accuracy.py (one seed, the default budget): picking one count out of a
+# list of four stayed at chance (~27%) even with full fine-tuning (the tiny model does not learn content-based
+# retrieval in 128 steps), sums of two counts stayed at ~30%, and with a chain of two word-amount steps
+# ("two_steps") full fine-tuning reached 0.99 but LoRA 0.34 (two steps 0.18), below the issue's 0.40.
+INVENTORY_VERSION = "inventory-v7"  # part of the data cache folder: change it when the generator changes
+INVENTORY_KINDS = ("read", "one_step")  # "two_steps" (a chain of two events) also exists, not in the mix
+AMOUNTS = {1: "one", 2: "two"}
+WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}  # the "read" kind's counts
+START = (4, 12)  # the first count; with steps of 1 or 2 every count stays in 1..16
 
 
 def make_inventory_problem(rng: random.Random) -> dict:
-    """One inventory problem in GSM8K's schema, with its kind (for per-kind scores)."""
-    name = rng.choice(NAMES)
-    items = rng.sample(ITEMS, 4)
-    counts = rng.sample(range(2, 21), 4)
-    held = ", ".join(f"{i} {n}" for i, n in zip(items, counts))
+    """One inventory problem in GSM8K's schema, with its kind (for per-kind scores); the count changes (never back
+    to the start, so repeating the start is never right) and stays >= 1."""
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
     kind = rng.choice(INVENTORY_KINDS)
-    j = rng.randrange(4)
-    n, item = counts[j], items[j]
-    if kind == "lookup":
-        ask, steps, ans = f"How many {item} does {name} have?", f"{n}", n
-    elif kind == "plus_one":
-        ask, steps, ans = (f"{name} finds one more {item[:-1]}. How many {item} does {name} have now?",
-                           f"{n} + 1 = {n + 1}", n + 1)
-    else:
-        ask, steps, ans = (f"{name} loses one {item[:-1]}. How many {item} does {name} have now?",
-                           f"{n} - 1 = {n - 1}", n - 1)
-    return {"question": f"{name} has: {held}. {ask}", "answer": f"{name}: {item} {steps}.\n#### {ans}",
-            "kind": kind}
+    if kind == "read":  # the count itself is a word: no step
+        n = rng.choice(list(WORDS))
+        return {"question": f"{name} has {WORDS[n]} {item}. How many {item} does {name} have?",
+                "answer": f"{name} has {n} {item}.\n#### {n}", "kind": kind}
+    n0 = rng.randint(*START)
+    while True:
+        deltas = [rng.choice([-2, -1, 1, 2]) for _ in range(1 if kind == "one_step" else 2)]
+        if sum(deltas) != 0 and n0 + min(0, deltas[0], sum(deltas)) >= 1:
+            break
+    events, steps, n = [], [], n0
+    for d in deltas:
+        events.append(f"finds {AMOUNTS[d]} more" if d > 0 else f"loses {AMOUNTS[-d]}")
+        steps.append(f"{n} {'+' if d > 0 else '-'} {abs(d)} = {n + d}")
+        n += d
+    q = (f"{name} has {n0} {item}. {name} {' and then '.join(events)}. How many {item} does {name} have now?")
+    return {"question": q, "answer": f"{name} has {', '.join(steps)} {item}.\n#### {n}", "kind": kind}
 
 
 TASKS = {"arith": make_problem, "inventory": make_inventory_problem}  # embedded:<task>
