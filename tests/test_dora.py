@@ -151,3 +151,23 @@ def test_pissa_keeps_the_model_and_gradient_inits_are_refused(tiny_llama_dir):
 
     with pytest.raises(ValueError, match=r"method=dora does not take init=gradient; allowed inits: .*pissa"):
         resolve_config(compose_cfg(["method=dora", "+init=gradient"]))
+
+
+def test_trained_run_exports_a_dora_adapter_equal_to_its_merged_model(tmp_path):
+    """Through the trainer: adapter/ is `use_dora: true`, and PEFT's adapter on the base gives merged/'s logits."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from test_train import run_inproc
+
+    s = run_inproc(tmp_path, ["method=dora", "train.max_steps=3", "model.saving=true", "model.eval_epochs=0"])
+    assert s["steps"] == 3
+    conf = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert conf["use_dora"] is True
+    base = AutoModelForCausalLM.from_pretrained(conf["base_model_name_or_path"])
+    ref = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    x = torch.randint(3, 500, (2, 12))
+    torch.testing.assert_close(ref(x).logits, merged(x).logits, rtol=1e-4, atol=1e-4)
