@@ -25,6 +25,9 @@ DORA_INITS = ("default", "gaussian", "pissa")
 
 
 class DoRALinear(LoRALinear):
+    """LoRA factors plus a magnitude. ``lora_factors``/``to_lora`` (inherited) give the direction's factors, not
+    factors of ``delta_weight``: export writes them with the magnitude as a PEFT DoRA adapter."""
+
     adapter_param_names = ("lora_A", "lora_B", "lora_magnitude_vector")
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
@@ -73,11 +76,6 @@ class DoRALinear(LoRALinear):
         if self.merged:
             self._add_to_base(-self._merged_delta)
             self._merged_delta, self.merged = None, False
-
-    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The direction's LoRA factors (B A = s B A), not factors of ``delta_weight``: export writes them with the
-        magnitude as a PEFT DoRA adapter."""
-        return super().lora_factors()
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", dora=True"
