@@ -171,3 +171,19 @@ def test_trained_run_exports_a_dora_adapter_equal_to_its_merged_model(tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     x = torch.randint(3, 500, (2, 12))
     torch.testing.assert_close(ref(x).logits, merged(x).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_gpt2_conv1d_export_and_merge_match_peft(tiny_gpt2_dir, tmp_path):
+    """GPT-2's Conv1D stores (in, out): PEFT's fan_in_fan_out DoRA loads our export with equal logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ours = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
+    layers = apply_adapters(ours, peft_cfg(target_set="qv"), method="dora")
+    perturb(layers)
+    save_peft_adapter(ours, tmp_path / "adapter")
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir), tmp_path / "adapter").eval()
+    x = torch.randint(0, 128, (2, 7))
+    y = ours(x).logits
+    torch.testing.assert_close(ref(x).logits, y, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(merge_adapters(ours)(x).logits, y, rtol=1e-4, atol=1e-5)
