@@ -1,5 +1,7 @@
 """The embedded default: GSM8K-style synthetic word problems, a byte-level BPE tokenizer and a tiny Llama that
-peftlab makes and briefly pretrains itself, so `python run_exp.py` needs no download.
+peftlab makes and briefly pretrains itself, so `python run_exp.py` needs no download. Two tasks (``TASKS``):
+``arith`` (embedded:arith, the pretraining's own kinds of problems) and ``inventory`` (embedded:inventory, a skill the
+pretraining never shows); the model is the same for both, so adding a task leaves the model's cache key alone.
 
 Everything is deterministic and cached under ``$PEFTLAB_CACHE`` (default ``~/.cache/peftlab``) in a folder named
 by a version key; a file lock makes concurrent processes (torchrun ranks, array tasks) build it once.
