@@ -81,6 +81,7 @@ def load_trainable_state(model: nn.Module, states: dict, source: str) -> bool:
     load_full_state(model, states, source)
     return True
 
+
 __all__ = ["AdapterLayer", "MethodSpec", "METHODS", "LoRALinear", "apply_adapters", "apply_lora", "merge_adapters",
            "merge_lora", "get_adapter_parameters", "get_lora_parameters", "adapter_layers", "register_method",
            "get_method", "lora_scaling", "unwrap", "trainable_state", "load_trainable_state"]
