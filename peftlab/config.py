@@ -114,6 +114,7 @@ class TrainConfig:
     fsdp: bool | str = option(False, choices=("full_shard", "shard_grad_op", "hybrid_shard"))
     micro_batch_order: str = option("length", choices=("length", "arrival"))  # data/batching.py
     loss_chunk_tokens: int = option(1024, ge=0)  # answer positions per chunk of the loss (0: the plain loss)
+    loraplus_lr_ratio: float | None = option(None, gt=0)  # LoRA+: lora_B (and 1-D adapter params) at lr * ratio
 
     def check(self, prefix: str) -> None:
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
@@ -246,7 +247,10 @@ def resolve_config(cfg: DictConfig | dict) -> DictConfig:
     if run.train.optimizer == "precond_adamw" and not spec.lora_factors:
         fail("train.optimizer", "precond_adamw", f"preconditions LoRA factors (lora_A, lora_B), which method "
              f"{method_name!r} does not have; use train.optimizer=adamw", "train.optimizer=adamw")
-    for section in (out["init"], out["method"]):  # rules that involve other groups
+    if run.train.loraplus_lr_ratio is not None and not spec.lora_factors:
+        fail("train.loraplus_lr_ratio", run.train.loraplus_lr_ratio, f"LoRA+ sets the learning rates of LoRA factors, "
+             f"which method {method_name!r} does not have", "train.loraplus_lr_ratio=null")
+    for section in (spec, out["init"], out["method"]):  # rules that involve other groups
         if hasattr(section, "check_run"):
             section.check_run(run)
     resolved = OmegaConf.create(asdict(run))

@@ -1,7 +1,8 @@
 """Interoperability: every method's trained change saved as an HF PEFT LoRA adapter on the ORIGINAL base weights,
 and the merged model through ``save_pretrained``.
 
-Each adapter layer gives (A, B) with B @ A = W_final - W_original exactly (``AdapterLayer.to_lora``). The adapter is
+Each adapter layer gives (A, B) with B @ A = W_final - W_original exactly (``AdapterLayer.to_lora``; DoRA: the
+direction's change, written with its magnitude vector as a ``use_dora`` adapter). The adapter is
 written so that vLLM serves it as PEFT loads it (rules read from vLLM's loader: peftlab/serving.py):
 - one scaling for every layer: vLLM applies ``lora_alpha / r`` (or ``/ sqrt(r)``) from the top-level config to every
   module and, in its released versions, ignores ``rank_pattern``/``alpha_pattern``; so the per-layer factor is
@@ -48,6 +49,9 @@ def lora_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any
         B = torch.cat([B, B.new_zeros(B.shape[0], r - k)], 1)
         tensors[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = (B / scaling).contiguous()
+        if hasattr(layers[name], "lora_magnitude_vector"):  # DoRA: PEFT's key has no ".weight"
+            tensors[f"base_model.model.{name}.lora_magnitude_vector"] = \
+                layers[name].lora_magnitude_vector.detach().float()
     alpha = scaling * (math.sqrt(r) if use_rslora else r)
     return tensors, {"r": int(r), "lora_alpha": float(alpha), "use_rslora": use_rslora, "layer_ranks": ranks}
 
@@ -74,6 +78,7 @@ def save_peft_adapter(model: nn.Module, folder: str | Path, base_model_name_or_p
         "r": fields["r"],
         "lora_alpha": fields["lora_alpha"],
         "use_rslora": fields["use_rslora"],
+        "use_dora": any(hasattr(l, "lora_magnitude_vector") for l in layers.values()),
         "target_modules": sorted(layers),
         "rank_pattern": {},
         "alpha_pattern": {},

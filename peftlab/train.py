@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .adapters import adapter_layers, apply_adapters, get_method, unwrap
+from .adapters import adapter_layers, apply_adapters, get_method, load_trainable_state, trainable_state, unwrap
 from .config import RESOLVED_CONFIG, config_differences, method_options, resolve_config, save_resolved
 from .data import batching
 from .data.datasets import DataError, Example, collate, train_eval_examples
@@ -72,6 +72,10 @@ def lr_lambda(cfg: DictConfig, total_steps: int):
 
 def build_optimizer(cfg: DictConfig, spec, options, model, params):
     # a method's own optimizer sees the run's learning rate and weight decay with the train options
+    if cfg.train.loraplus_lr_ratio is not None:  # LoRA+ groups for any LoRA-factor method
+        from .optim.loraplus import loraplus_optimizer
+
+        return loraplus_optimizer(cfg, model, params)
     train_cfg = OmegaConf.merge(OmegaConf.to_container(cfg.train),
                                 {"lr": cfg.model.lr, "weight_decay": cfg.model.weight_decay})
     opt = spec.make_optimizer(model, params, train_cfg, options)
@@ -124,7 +128,7 @@ def save_checkpoint(run_dir: Path, accelerator, model, optimizer, scheduler, sta
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
     if accelerator.is_main_process:
-        torch.save({n: l.adapter_state() for n, l in adapter_layers(model).items()}, tmp / "adapters.pt")
+        torch.save(trainable_state(model), tmp / "adapters.pt")  # method=full: the whole state_dict
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(state))
@@ -143,6 +147,8 @@ def load_adapters(model, folder: Path) -> None:
 
 
 def load_adapter_states(model, states: dict, source: str) -> None:
+    if load_trainable_state(model, states, source):  # method=full
+        return
     layers = adapter_layers(model)
     if set(states) != set(layers):
         raise ValueError(f"{source} holds adapters for other modules than this run's targets: "
@@ -673,16 +679,20 @@ def finish(run: Run) -> dict:
         "target_tokens_per_s": round(state["tokens"] / max(state["wall_time_s"], 1e-9), 1),
         "processes": run.accelerator.num_processes, "seed": cfg.seed, "run_dir": str(run.run_dir),
     }
+    spec = run.spec
+    if not spec.exports_adapter:  # method=full: no adapter/, the model is saved whole in merged/
+        summary["adapter"] = spec.export_note
     if run.main:
-        save_peft_adapter(run.model, run.run_dir / "adapter", base_model_name_or_path=run.model_path,
-                          extra={"method": cfg.method.name, "init": cfg.init.name})
-        summary.update(serving_summary(run.run_dir / "adapter"))  # adapter_r; vllm_note when vLLM's defaults refuse it
-        run.tokenizer.save_pretrained(run.run_dir / "adapter")
-        run.spec.on_train_end(unwrap(run.model), run.run_dir, run.options)
+        if spec.exports_adapter:
+            save_peft_adapter(run.model, run.run_dir / "adapter", base_model_name_or_path=run.model_path,
+                              extra={"method": cfg.method.name, "init": cfg.init.name})
+            summary.update(serving_summary(run.run_dir / "adapter"))  # adapter_r; vllm_note when vLLM refuses it
+            run.tokenizer.save_pretrained(run.run_dir / "adapter")
+        spec.on_train_end(unwrap(run.model), run.run_dir, run.options)
         if m.saving and run.fsdp:  # the live base is sharded: merge a whole copy instead
             save_merged(whole_copy(cfg, run.options, run.model), run.tokenizer, run.run_dir / "merged", in_place=True)
-        elif m.saving:
-            save_merged(run.model, run.tokenizer, run.run_dir / "merged")
+        elif m.saving or not spec.exports_adapter:  # (full: nothing to merge, so no copy of the model)
+            save_merged(run.model, run.tokenizer, run.run_dir / "merged", in_place=not spec.exports_adapter)
         atomic_write_json(run.run_dir / "summary.json", summary)
         line = summary_line(summary)
         atomic_write_text(run.run_dir / "summary.txt", line + "\n")

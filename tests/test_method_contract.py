@@ -14,7 +14,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from peftlab.adapters import METHODS, adapter_layers, apply_adapters, get_method
+from peftlab.adapters import (METHODS, adapter_layers, apply_adapters, get_method, load_trainable_state,
+                              trainable_state)
 from peftlab.config import CONF_DIR, group_options
 from peftlab.data.datasets import Example
 from peftlab.init import InitContext, get_init
@@ -30,9 +31,10 @@ METHOD_OPTIONS = {"geolora": {"rmax": 8, "tau": 0.05}}  # room for the rank to m
 def cases():
     out = []
     for m in METHODS.names():
+        spec = get_method(m)
         out.append((m, "default"))
-        if get_method(m).lora_factors:
-            out += [(m, i) for i in LORA_FACTOR_INITS]
+        if spec.lora_factors:
+            out += [(m, i) for i in LORA_FACTOR_INITS if spec.inits is None or i.partition("/")[0] in spec.inits]
     return out
 
 
@@ -117,11 +119,14 @@ def test_merge_unmerge_export_and_state_round_trip(tiny_llama_dir, tmp_path, met
     assert not torch.allclose(trained, logits(AutoModelForCausalLM.from_pretrained(tiny_llama_dir)), atol=1e-5)
 
     # the checkpoint state rebuilds the trained model on a fresh copy of the original base
-    states = {n: l.adapter_state() for n, l in adapter_layers(model).items()}
+    states = trainable_state(model)
     fresh, _, _ = adapted(tiny_llama_dir, method, "default", seed=1)
-    for n, l in adapter_layers(fresh).items():
-        l.load_adapter_state(states[n])
+    if not load_trainable_state(fresh, states, "the test"):
+        for n, l in adapter_layers(fresh).items():
+            l.load_adapter_state(states[n])
     torch.testing.assert_close(logits(fresh), trained, rtol=1e-5, atol=1e-5)
+    if not spec.exports_adapter:  # full fine-tuning: no adapter, no merge (merged/ is the model itself)
+        return
 
     # the PEFT export on the untouched base
     save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(tiny_llama_dir))
@@ -146,9 +151,12 @@ def run_overrides(method):
 
 
 def adapter_tensors(run_dir):
+    """The exported adapter, or the whole saved model of a method without one (full)."""
     from safetensors.torch import load_file
 
-    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    if (run_dir / "adapter").exists():
+        return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    return {k: v for f in sorted((run_dir / "merged").glob("*.safetensors")) for k, v in load_file(str(f)).items()}
 
 
 @pytest.mark.slow

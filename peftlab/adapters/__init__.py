@@ -21,6 +21,9 @@ def apply_adapters(model: nn.Module, peft_cfg: Any, method_cfg: Any = None, meth
     """The one generic entry: replace every target module with the method's layer; freeze everything else."""
     spec = get_method(method)
     method_cfg = spec.parse(method_cfg)
+    own = spec.apply(model, peft_cfg, method_cfg, model_type)  # a method without layers (full) does its own
+    if own is not None:
+        return own
     model_type = model_type or getattr(getattr(model, "config", None), "model_type", None)
     patterns = resolve_target_patterns(peft_cfg.get("target_set"), peft_cfg.get("lora_target_modules"), model_type)
     explicit = peft_cfg.get("lora_target_modules") not in (None, [], "")
@@ -100,6 +103,27 @@ def get_adapter_parameters(model: nn.Module) -> ParameterList:
 
 get_lora_parameters = get_adapter_parameters
 
-__all__ = ["AdapterLayer", "MethodOptions", "MethodSpec", "METHODS", "LoRAConfig", "LoRALinear", "ParameterList", "apply_adapters",
-           "apply_lora", "merge_adapters", "merge_lora", "get_adapter_parameters", "get_lora_parameters",
-           "adapter_layers", "register_method", "get_method", "lora_scaling", "unwrap"]
+
+def trainable_state(model: nn.Module) -> dict:
+    """What a checkpoint holds: each adapter layer's state by name; with method=full, the whole state_dict."""
+    from .full import full_state, is_full
+
+    if is_full(model):
+        return full_state(model)
+    return {n: l.adapter_state() for n, l in adapter_layers(model).items()}
+
+
+def load_trainable_state(model: nn.Module, states: dict, source: str) -> bool:
+    """Load a method=full checkpoint state into the model and return True; False for adapter states."""
+    from .full import STATE_KEY, is_full, load_full_state
+
+    if STATE_KEY not in states and not is_full(model):
+        return False
+    load_full_state(model, states, source)
+    return True
+
+
+__all__ = ["AdapterLayer", "MethodOptions", "MethodSpec", "METHODS", "LoRAConfig", "LoRALinear", "ParameterList",
+           "apply_adapters", "apply_lora", "merge_adapters", "merge_lora", "get_adapter_parameters",
+           "get_lora_parameters", "adapter_layers", "register_method", "get_method", "lora_scaling", "unwrap",
+           "trainable_state", "load_trainable_state"]

@@ -212,6 +212,21 @@ class MethodSpec:
         from ..schema import build
 
         return build(self.options, {"name": self.name, **dict(given or {})}, "method", self.name)
+    inits: tuple[str, ...] | None = None  # the inits the method accepts (None: any that applies)
+    exports_adapter = True  # False: no PEFT adapter applies (full fine-tuning); the run saves merged/ instead
+    export_note = None  # why not, for the run's summary
+
+    def apply(self, model: nn.Module, peft_cfg: Any, options: Any, model_type: str | None) -> dict | None:
+        """None: the generic path (freeze, wrap every target in make_layer); a method without layers overrides."""
+        return None
+
+    def check_run(self, run: Any) -> None:
+        """Rules that involve other groups, checked before anything loads (``fail`` names the key)."""
+        if self.inits is not None and run.init.name not in self.inits:
+            from ..schema import fail
+
+            fail("init.name", run.init.name, f"method={self.name} takes the inits {list(self.inits)}",
+                 "+init=<name>")
 
     def make_optimizer(self, model: nn.Module, params: Iterable[nn.Parameter], train_cfg: Any, method_cfg: Any):
         """None lets the trainer build its default AdamW."""

@@ -32,9 +32,12 @@ def _source(ds_cfg: Any, split: str) -> tuple[str, Path | None]:
     if path.startswith("embedded:"):
         from .embedded import ensure_dataset
 
-        if path != "embedded:arith":
-            raise ValueError(f"unknown embedded dataset {path!r}; allowed: ['embedded:arith']")
-        return f"embedded {split}", ensure_dataset() / f"{split}.jsonl"
+        from .embedded import TASKS
+
+        task = path.removeprefix("embedded:")
+        if task not in TASKS:
+            raise ValueError(f"unknown embedded dataset {path!r}; allowed: {['embedded:' + t for t in TASKS]}")
+        return f"embedded {task} {split}", ensure_dataset(task) / f"{split}.jsonl"
     suffix = Path(path).suffix.lower()
     if suffix in LOCAL_SUFFIXES or os.sep in path and Path(path).exists():
         p = Path(path)

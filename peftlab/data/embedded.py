@@ -1,5 +1,7 @@
 """The embedded default: GSM8K-style synthetic word problems, a byte-level BPE tokenizer and a tiny Llama that
-peftlab makes and briefly pretrains itself, so `python run_exp.py` needs no download.
+peftlab makes and briefly pretrains itself, so `python run_exp.py` needs no download. Two tasks (``TASKS``):
+``arith`` (embedded:arith, the pretraining's own kinds of problems) and ``inventory`` (embedded:inventory, a skill the
+pretraining never shows); the model is the same for both, so adding a task leaves the model's cache key alone.
 
 Everything is deterministic and cached under ``$PEFTLAB_CACHE`` (default ``~/.cache/peftlab``) in a folder named
 by a version key; a file lock makes concurrent processes (torchrun ranks, array tasks) build it once.
@@ -53,6 +55,51 @@ def make_problem(rng: random.Random) -> dict:
     return {"question": q, "answer": f"{name} has {steps} {item}.\n#### {n}"}
 
 
+# ---- the second task, "inventory": adaptation is needed ---------------------------------------------------------------
+# Numbers written as words, which the pretraining never shows (see pretrain_text; tests/test_inventory.py checks the
+# whole corpus), so the base model cannot read them and scores near zero. Two kinds, half each:
+#   read:     "Tom has four pens. How many pens does Tom have?" -> "Tom has 4 pens.\n#### 4"
+#   one_step: "Tom has 9 pens. Tom loses two. How many pens does Tom have now?" -> "Tom has 9 - 2 = 7 pens.\n#### 7"
+# The answers use pretraining's sentence and equation forms, so what must be learnt is reading the words (a map from
+# a few character-level tokens to a number token) and small-step arithmetic the tiny model does badly (its base
+# accuracy on "n + 1 =" is ~0): knowledge in embeddings and MLPs, where a rank-8 qv LoRA has the least reach.
+# Earlier versions, measured with bench/task_accuracy.py (one seed, the default budget): picking one count out of a
+# list of four stayed at chance (~27%) even with full fine-tuning (the tiny model does not learn content-based
+# retrieval in 128 steps), sums of two counts stayed at ~30%, and with a chain of two word-amount steps
+# ("two_steps") full fine-tuning reached 0.99 but LoRA 0.34 (two steps 0.18), below the issue's 0.40.
+INVENTORY_VERSION = "inventory-v7"  # part of the data cache folder: change it when the generator changes
+INVENTORY_KINDS = ("read", "one_step")  # "two_steps" (a chain of two events) also exists, not in the mix
+AMOUNTS = {1: "one", 2: "two"}
+WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}  # the "read" kind's counts
+START = (4, 12)  # the first count; with steps of 1 or 2 every count stays in 1..16
+
+
+def make_inventory_problem(rng: random.Random) -> dict:
+    """One inventory problem in GSM8K's schema, with its kind (for per-kind scores); the count changes (never back
+    to the start, so repeating the start is never right) and stays >= 1."""
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    kind = rng.choice(INVENTORY_KINDS)
+    if kind == "read":  # the count itself is a word: no step
+        n = rng.choice(list(WORDS))
+        return {"question": f"{name} has {WORDS[n]} {item}. How many {item} does {name} have?",
+                "answer": f"{name} has {n} {item}.\n#### {n}", "kind": kind}
+    n0 = rng.randint(*START)
+    while True:
+        deltas = [rng.choice([-2, -1, 1, 2]) for _ in range(1 if kind == "one_step" else 2)]
+        if sum(deltas) != 0 and n0 + min(0, deltas[0], sum(deltas)) >= 1:
+            break
+    events, steps, n = [], [], n0
+    for d in deltas:
+        events.append(f"finds {AMOUNTS[d]} more" if d > 0 else f"loses {AMOUNTS[-d]}")
+        steps.append(f"{n} {'+' if d > 0 else '-'} {abs(d)} = {n + d}")
+        n += d
+    q = (f"{name} has {n0} {item}. {name} {' and then '.join(events)}. How many {item} does {name} have now?")
+    return {"question": q, "answer": f"{name} has {', '.join(steps)} {item}.\n#### {n}", "kind": kind}
+
+
+TASKS = {"arith": make_problem, "inventory": make_inventory_problem}  # embedded:<task>
+
+
 def pretrain_text(rng: random.Random) -> tuple[str, str]:
     """Related text for pretraining, as (prompt, continuation) tokenised apart as fine-tuning does: the same problems
     in the "Q: ...\nA: " format with a plain-sentence answer (no '#### N' line), and sums."""
@@ -76,9 +123,12 @@ def _locked(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def ensure_dataset() -> Path:
-    """The folder holding train/validation/test .jsonl files (GSM8K schema: question, answer)."""
-    root = cache_root() / VERSION / "data"
+def ensure_dataset(task: str = "arith") -> Path:
+    """The folder holding a task's train/validation/test .jsonl files (GSM8K schema: question, answer)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown embedded task {task!r}; allowed: {sorted(TASKS)}")
+    make = TASKS[task]
+    root = cache_root() / VERSION / ("data" if task == "arith" else f"data-{INVENTORY_VERSION}")
     if (root / "test.jsonl").exists():
         return root
     with _locked(cache_root() / f"{VERSION}.lock"):
@@ -86,7 +136,7 @@ def ensure_dataset() -> Path:
             with atomic_dir(root) as tmp:
                 for split, n in SPLIT_SIZES.items():
                     rng = random.Random(SPLIT_SEEDS[split])
-                    rows = [json.dumps(make_problem(rng)) for _ in range(n)]
+                    rows = [json.dumps(make(rng)) for _ in range(n)]
                     (tmp / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
     return root
 

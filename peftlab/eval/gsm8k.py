@@ -72,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--trust_remote_code", action="store_true")
     d = p.add_argument_group("data")
     d.add_argument("--data", default=None, help="hub dataset (config --data_config), a local .jsonl/.json/.parquet, a "
-                                                "folder with <split>.jsonl, or 'embedded'; default: a run's own data "
+                                                "folder with <split>.jsonl, or 'embedded' (arith) or 'embedded:<task>'; default: a run's own data "
                                                 "(its test split), the embedded test set for embedded models, else "
                                                 "openai/gsm8k")
     d.add_argument("--data_config", default=None, help="default: main (the run's dataset.subset for a run's own data)")
@@ -131,10 +131,10 @@ DATA_DEFAULTS = {"data_config": "main", "question_field": "question", "answer_fi
 # ---- data ---------------------------------------------------------------------------------------------------------
 def data_file(data: str, split: str) -> Path | None:
     """The local file holding a split, or None for a hub dataset."""
-    if data in ("embedded", "embedded:arith"):
+    if data == "embedded" or data.startswith("embedded:"):  # 'embedded' is the first task, arith
         from ..data.embedded import ensure_dataset
 
-        data = str(ensure_dataset())
+        data = str(ensure_dataset(data.removeprefix("embedded").removeprefix(":") or "arith"))
     p = Path(data)
     if p.is_dir():
         for suffix in LOCAL_SUFFIXES:
@@ -507,7 +507,9 @@ def default_data(src: dict) -> str:
     ds_path = str(_select(src["run_cfg"], "dataset.path") or "")
     embedded_model = src["model"].startswith("embedded:") or Path(src["path"]).resolve() == (
         cache_root() / VERSION / "tiny-llama").resolve()
-    return "embedded" if ds_path.startswith("embedded:") or (not ds_path and embedded_model) else "openai/gsm8k"
+    if ds_path.startswith("embedded:"):  # the run's own embedded task
+        return ds_path
+    return "embedded" if not ds_path and embedded_model else "openai/gsm8k"
 
 
 def run_data(run_cfg) -> dict:
