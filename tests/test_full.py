@@ -72,8 +72,8 @@ def test_resume_after_a_stop_signal_equals_the_uninterrupted_run(tmp_path, monke
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["method=full", "+init=pissa"], r"method=full does not take init=pissa; allowed inits: \['default'\]"),
-    (["method=full", "train.fsdp=full_shard"], r"method=full with train.fsdp='full_shard'.*use train.fsdp=false"),
+    (["method=full", "+init=pissa"], r"init.name = 'pissa': method=full takes the inits \['default'\]"),
+    (["method=full", "train.fsdp=full_shard"], r"train.fsdp = 'full_shard': method=full: .*set it with train.fsdp=false"),
 ])
 def test_refusals_before_the_model_loads(overrides, message):
     with pytest.raises(ValueError, match=message):

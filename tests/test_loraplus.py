@@ -84,7 +84,7 @@ def test_trainer_builds_the_loraplus_optimizer(tiny_llama, optimizer):
     params = [p for p in tiny_llama.parameters() if p.requires_grad]
     from peftlab.adapters import get_method
 
-    opt = build_optimizer(cfg, get_method("lora"), tiny_llama, params)
+    opt = build_optimizer(cfg, get_method("lora"), get_method("lora").parse(cfg.method), tiny_llama, params)
     assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [(cfg.model.lr, 0.01),
                                                                          (cfg.model.lr * 16, 0.01)]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)  # a schedule scales both groups alike
@@ -92,8 +92,11 @@ def test_trainer_builds_the_loraplus_optimizer(tiny_llama, optimizer):
 
 
 def test_bad_ratio_and_methods_without_factors_are_refused(tiny_llama):
-    with pytest.raises(ValueError, match=r"train.loraplus_lr_ratio must be null \(off\) or a number > 0"):
+    with pytest.raises(ValueError, match=r"train.loraplus_lr_ratio = -2: must be a number > 0 or null"):
         resolve_config(compose_cfg(["train.loraplus_lr_ratio=-2"]))
+    for method in ("geolora", "rotational_pissa", "full"):
+        with pytest.raises(ValueError, match=f"LoRA\\+ sets the learning rates of LoRA factors, which method '{method}'"):
+            resolve_config(compose_cfg([f"method={method}", "train.loraplus_lr_ratio=16"]))
     apply_adapters(tiny_llama, peft_cfg(), None, "full")
     with pytest.raises(ValueError, match=r"applies to methods with LoRA factors"):
         loraplus_param_groups(tiny_llama, LR, RATIO, WD)

@@ -15,15 +15,6 @@ import torch
 from torch import nn
 
 
-def check_ratio(ratio: Any) -> float | None:
-    """None (off) or a positive number; anything else fails naming the key."""
-    if ratio is None:
-        return None
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0:
-        raise ValueError(f"train.loraplus_lr_ratio must be null (off) or a number > 0 (LoRA+ uses ~16), got {ratio!r}")
-    return float(ratio)
-
-
 def _no_decay_names(model: nn.Module) -> set[str]:
     """Parameters LoRA+ does not decay (as PEFT via transformers' get_parameter_names): inside LayerNorm, or biases."""
     from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
@@ -59,7 +50,7 @@ def loraplus_param_groups(model: nn.Module, lr: float, ratio: float, weight_deca
 
 def loraplus_optimizer(cfg: Any, model: nn.Module, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     """The run's optimizer (AdamW or precond_adamw) over LoRA+ groups; `params` are the trainable ones."""
-    ratio = check_ratio(cfg.train.get("loraplus_lr_ratio"))
+    ratio = float(cfg.train.loraplus_lr_ratio)  # checked by the schema (peftlab/config.py)
     lr, wd = float(cfg.model.lr), float(cfg.model.weight_decay)
     groups = loraplus_param_groups(model, lr, ratio, wd)
     grouped = {id(p) for g in groups for p in g["params"]}
