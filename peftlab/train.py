@@ -368,6 +368,8 @@ def check_targets(cfg: DictConfig, path: str) -> None:
 
     from .adapters.base import find_targets, resolve_target_patterns
 
+    if not get_method(cfg.method.name).uses_targets:
+        return
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
         with torch.device("meta"):

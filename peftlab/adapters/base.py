@@ -214,6 +214,7 @@ class MethodSpec:
         return build(self.options, {"name": self.name, **dict(given or {})}, "method", self.name)
     inits: tuple[str, ...] | None = None  # the inits the method accepts (None: any that applies)
     exports_adapter = True  # False: no PEFT adapter applies (full fine-tuning); the run saves merged/ instead
+    uses_targets = True  # False: peft.* target selection does not apply (full fine-tuning)
     export_note = None  # why not, for the run's summary
 
     def apply(self, model: nn.Module, peft_cfg: Any, options: Any, model_type: str | None) -> dict | None:

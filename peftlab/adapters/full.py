@@ -27,6 +27,7 @@ def _no_layer(*args, **kwargs):
 
 class FullFineTune(MethodSpec):
     exports_adapter = False
+    uses_targets = False
     export_note = "not applicable: method=full trains every weight; the whole model is saved in merged/"
 
     def check_run(self, run: Any) -> None:
