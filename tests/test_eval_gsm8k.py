@@ -380,12 +380,12 @@ def test_input_errors_name_the_file_line_and_row(tmp_path, embedded_data_dir):
     assert out.returncode == 2 and f"eval_gsm8k: error: {empty}: no predictions" in out.stderr
     torn = tmp_path / "torn.jsonl"
     torn.write_text(json.dumps({"index": 0, "answer": "#### 1", "generation": "1"}) + '\n{"index": 1, "answ\n')
-    with pytest.raises(ValueError, match=f"{torn}:2: not valid JSON"):
+    with pytest.raises(ValueError, match=f"{torn} line 2: not valid JSON"):
         main(["--score", str(torn)])
     rows = read_jsonl(embedded_data_dir / "test.jsonl")[:3]
     bad_data = tmp_path / "data.jsonl"
     bad_data.write_text("".join(json.dumps(r) + "\n" for r in rows) + "[1, 2]\n")
-    with pytest.raises(ValueError, match=f"{bad_data}:4: expected a JSON object"):
+    with pytest.raises(ValueError, match=f"{bad_data} line 4: a JSON list, expected a JSON object"):
         main(["--model", "embedded:tiny-llama", "--data", str(bad_data)])
     rows[1]["answer"] = "He has 5 apples and eats 2, leaving 3."
     no_marker = tmp_path / "no_marker.jsonl"

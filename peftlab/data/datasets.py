@@ -68,7 +68,7 @@ def load_rows(ds_cfg: Any, split: str) -> tuple[list[dict], str]:
     return rows, desc
 
 
-def read_local_rows(path: Path) -> list[dict]:
+def read_local_rows(path: Path, allow_empty: bool = False) -> list[dict]:
     """Rows of a local .jsonl / .json (a JSON array, or JSON lines) / .parquet file; each row remembers its line
     (``_line``) so later errors can name it. Unreadable content names the file and the line."""
     if path.suffix.lower() == ".parquet":
@@ -88,9 +88,15 @@ def read_local_rows(path: Path) -> list[dict]:
             raise DataError(f"{path} line {line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})"
                             ) from None
         rows = _json_array(path, text) if text.lstrip().startswith("[") else _json_lines(path, text)
-    if not rows:
+    if not rows and not allow_empty:
         raise DataError(f"{path}: the file has no rows (expected JSON objects, one per line or in an array)")
     return rows
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a local .jsonl / .json / .parquet file (no line tags; none is no error); a bad line fails naming
+    the file and line."""
+    return [{k: v for k, v in r.items() if k != "_line"} for r in read_local_rows(Path(path), allow_empty=True)]
 
 
 def _json_array(path: Path, text: str) -> list[dict]:

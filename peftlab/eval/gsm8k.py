@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.datasets import read_jsonl
 from ..models import load_tokenizer, resolve_model_path, torch_dtype
 from ..runinfo import load_run_config, wandb_identity
 from ..utils import atomic_write_json, atomic_write_text
@@ -159,30 +160,7 @@ def read_rows(data: str, split: str, config: str | None) -> tuple[list[dict], st
         import datasets
 
         return [dict(r) for r in datasets.load_dataset(data, config, split=split)], f"{data}:{config}:{split}"
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist(), str(path)
-    text = path.read_text()
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        return json.loads(text), str(path)
-    return read_jsonl(path), str(path)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The objects of a .jsonl file; a line that is not one JSON object fails naming the file and line."""
-    rows = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}): {line[:80]!r}") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{n}: expected a JSON object per line, got {type(row).__name__}")
-        rows.append(row)
-    return rows
+    return read_jsonl(path), str(path)  # any local type (jsonl, a json array, parquet); bad lines named
 
 
 def load_examples(a) -> tuple[list[dict], str]:
