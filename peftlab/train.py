@@ -1,10 +1,15 @@
 """The training loop: HF accelerate for processes and devices, a plain loop of our own for everything else.
 
-The trainer knows no method: it calls the method's optimizer factory, extra loss and after-step hook.
+``setup`` (everything before the first step, in the order the run contract needs: config, folder lock, resume
+checks, data with only the tokenizer, targets on the skeleton, then weights), ``train_step`` (one optimizer step),
+``after_step`` (eval, log, checkpoint, stop signals) and ``finish`` (export, summary); ``train`` is the loop.
+The trainer knows no method: it calls the method's optimizer factory, extra loss and after-step hook, and the update
+order is peftlab.optim.step's.
 Batching: a global batch of ``model.real_batch_size`` examples per optimizer step, split into micro-batches of
-``model.per_device_batch_size`` over processes and accumulation steps. The loss is the mean token loss over the
-whole global batch (summed token losses / the global count of target tokens), so the gradient is the same for any
-split of the batch over processes and micro-batches.
+``model.per_device_batch_size`` over processes and accumulation steps (cut after sorting by length, or packed to a
+token budget: data/batching.py). The loss is the mean token loss over the whole global batch (summed token losses /
+the global count of target tokens; peftlab/loss.py, chunked over answer positions), so the gradient is the same for
+any split of the batch over processes and micro-batches.
 """
 from __future__ import annotations
 
