@@ -2,7 +2,7 @@
 PYTHON ?= python
 TORCH ?= torch==2.13.0
 
-.PHONY: install run test test-fast bench lab readme
+.PHONY: install run test test-slow bench lab readme
 install: .installed
 .installed: pyproject.toml
 	$(PYTHON) -m pip install -q $(TORCH)   # first, so pip does not pull a CUDA build for the rest
@@ -12,11 +12,11 @@ install: .installed
 run: .installed
 	$(PYTHON) run_exp.py
 
-test: .installed          # everything, slow end-to-end tests included (what CI runs)
-	$(PYTHON) -m pytest tests
-
-test-fast: .installed     # skips the tests marked slow
+test: .installed          # the suite without the tests marked slow (a few minutes)
 	$(PYTHON) -m pytest tests -m "not slow"
+
+test-slow: .installed     # the slow end-to-end tests (subprocess runs, 2 processes, kill and resume, SLURM); CI runs both
+	$(PYTHON) -m pytest tests -m slow
 
 bench: .installed
 	$(PYTHON) -m bench.run_all
