@@ -150,7 +150,7 @@ class RunConfig:
 
 # keys that do not change what a run computes: they may differ when a run is resumed
 RESUME_FREE_KEYS = ("resume", "run_dir", "wandb.", "train.save_every", "train.log_every", "train.fsdp",
-                    "train.gradient_checkpointing", "model.saving", "init.cache", "init.offload", "dataset.path")
+                    "train.gradient_checkpointing", "model.saving", "init.cache", "init.offload")
 
 
 def compose_config(overrides: list[str] = (), run_dir: str | None = None) -> DictConfig:
