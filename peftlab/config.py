@@ -277,11 +277,6 @@ def _refuse_foreign_keys(group: str, choice: str, given: dict, options_type: typ
                       f"(its keys: {sorted(own)}){where}")
 
 
-def method_options(cfg: DictConfig):
-    """The method's typed options (its ``MethodSpec.options`` dataclass) from a resolved config."""
-    return build(get_method(cfg.method.name).options, cfg.method, "method", cfg.method.name)
-
-
 def save_resolved(cfg: DictConfig, run_dir: Path) -> Path:
     path = Path(run_dir) / RESOLVED_CONFIG
     atomic_write_text(path, OmegaConf.to_yaml(cfg))

@@ -75,8 +75,7 @@ def variants(methods: list[str] | None, quick: bool = False) -> list[Variant]:
             out.append(Variant(name))
         if name == "lora":
             out.append(Variant("lora", optimizer="precond_adamw"))
-            if "loraplus_lr_ratio" in train_keys():  # LoRA+ (an optimizer option), once the trainer has it
-                out.append(Variant("lora", train={"loraplus_lr_ratio": 16}, train_tag="loraplus16"))
+            out.append(Variant("lora", train={"loraplus_lr_ratio": 16}, train_tag="loraplus16"))  # LoRA+
         if name == "gplora":  # besides its default (every step, moments keep): DESIGN's transport, every step
             out.append(Variant(name, {"moments": "transport", "every": 1}, tag="transport-every1"))
     if quick and not methods:
@@ -86,12 +85,6 @@ def variants(methods: list[str] | None, quick: bool = False) -> list[Variant]:
         out = exact + [v for v in out if v.method in methods and v.label not in methods
                        and not any(e.method == v.method for e in exact)]
     return out
-
-
-def train_keys() -> set:
-    from omegaconf import OmegaConf
-
-    return set(OmegaConf.load(CONF_DIR / "config.yaml").train)
 
 
 def init_names(inits: list[str] | None) -> list[str]:

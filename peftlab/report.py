@@ -109,8 +109,10 @@ def find_eval_results(run: Path) -> dict | None:
 def load_run(path: Path) -> Run:
     from omegaconf import OmegaConf
 
+    from .config import load_run_config
+
     summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else {}
-    cfg = OmegaConf.load(path / ".hydra" / "config.yaml") if (path / ".hydra" / "config.yaml").is_file() else None
+    cfg = load_run_config(path)  # the resolved config (config.yaml): fallback groups filled in
     over_file = path / ".hydra" / "overrides.yaml"
     overrides = parse_overrides(OmegaConf.to_container(OmegaConf.load(over_file))) if over_file.is_file() else {}
     metrics = read_metrics(path / "metrics.jsonl")

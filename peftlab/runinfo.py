@@ -9,7 +9,6 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from .config import load_run_config  # noqa: F401  (the readers' one entry)
 
 WANDB_ID = "wandb_id.txt"
 

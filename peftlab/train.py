@@ -30,7 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .adapters import adapter_layers, apply_adapters, get_method, load_trainable_state, trainable_state, unwrap
-from .config import RESOLVED_CONFIG, config_differences, method_options, resolve_config, save_resolved
+from .config import RESOLVED_CONFIG, config_differences, resolve_config, save_resolved
 from .data import batching
 from .data.datasets import DataError, Example, collate, train_eval_examples
 from .export import save_merged, save_peft_adapter
@@ -340,10 +340,8 @@ def read_checkpoint(ckpt_dir: Path, rank: int) -> dict:
 def check_resume(cfg: DictConfig, ckpt: dict, ckpt_dir: Path) -> None:
     diff = config_differences(ckpt[RESOLVED_CONFIG], cfg)
     if diff:
-        old = OmegaConf.to_container(ckpt[RESOLVED_CONFIG])
-        new = OmegaConf.to_container(cfg)
-        shown = "; ".join(f"{k}: {OmegaConf.select(OmegaConf.create(old), k)!r} -> "
-                          f"{OmegaConf.select(OmegaConf.create(new), k)!r}" for k in diff[:8])
+        old = ckpt[RESOLVED_CONFIG]
+        shown = "; ".join(f"{k}: {OmegaConf.select(old, k)!r} -> {OmegaConf.select(cfg, k)!r}" for k in diff[:8])
         raise ConfigError(f"cannot resume {ckpt_dir}: the config differs from the checkpointed one in what changes "
                           f"the result ({shown}); resume with the same overrides, or start a new run folder")
 
@@ -515,7 +513,7 @@ def _setup_model(cfg, run_dir, accelerator, fsdp, ckpt, tokenizer, model_path, t
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     spec = get_method(cfg.method.name)
-    options = method_options(cfg)
+    options = spec.parse(cfg.method)
     apply_adapters(model, cfg.peft, options, cfg.method.name)
     model.to(accelerator.device)
     layers = adapter_layers(model)

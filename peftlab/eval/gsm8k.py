@@ -21,7 +21,8 @@ import torch
 
 from ..data.datasets import read_jsonl
 from ..models import load_tokenizer, resolve_model_path, torch_dtype
-from ..runinfo import load_run_config, wandb_identity
+from ..config import load_run_config
+from ..runinfo import wandb_identity
 from ..utils import atomic_write_json, atomic_write_text
 from .extract import extract_flexible, extract_strict, gold_answer, same_number
 
