@@ -10,9 +10,15 @@ Stages, each resumable (a run's result is one JSON under <out>/runs/<part>/, wri
 what is missing):
   1. select: each cell (method variant x init) at every rate of a small grid around its base rate, on the selection
      seeds (1000, 1001, ...); the cell's rate = the lowest mean eval loss (regression: fewest steps to target).
-  2. final: each cell at its chosen rate on fresh seeds (0, 1, ...), shared by all cells so comparisons pair by seed.
+     Selection runs are not scored (the metric is the eval loss).
+  2. final: each cell at its chosen rate on fresh seeds (0, 1, ...), shared by all cells so comparisons pair by seed;
+     language runs are scored.
   3. report: 95% t-intervals per cell, a claims table (peftlab/lab_claims.py: paired differences over shared seeds,
      a verdict per claim), Markdown + CSV + plots with error bars in <out>.
+Cells: every registered method x every init that applies to it; the optimizer variants (LoRA + precond_adamw,
+LoRA+, GP-LoRA's transport) at the default init. --quick: the plain methods and LoRA+ at the default init, plain LoRA at
+every init (the init claims need them), a 4-rate grid, 1 selection and 3 final seeds; its runs are a subset of the full
+lab's (same budget, rates, seeds and result folder keys), so a full lab in the same folder reuses them.
 Fan-out: --jobs N local processes; or --slurm: the language runs a stage still lacks go to a sweep file
 (peftlab.sweep's format, run_exp.py overrides) for slurm/array.sbatch; rerun the lab when the array has finished and
 it scores them and goes on to the next stage. Methods and inits are read from the registries, so new ones join by
@@ -22,10 +28,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import statistics
 import sys
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -33,16 +39,17 @@ import torch
 
 from .adapters import METHODS
 from .config import CONF_DIR, load_group
+from .lab_claims import default_rotational
+from .lab_report import select_metric, write_report
 from .lab_regression import (GRADIENT_DIRECTIONS, Variant, alignment, init_overrides, make_regression,  # noqa: F401
                              principal_angles, run_regression)
-from .stats import t_interval
 from .utils import atomic_write_json, atomic_write_text, stable_hash
 
 SELECT_SEED0 = 1000  # selection seeds never coincide with the final seeds 0, 1, ...
 # Base learning rate per method where the trainer's model.lr does not suit it (full fine-tuning moves every weight).
 LR_SCALE = {"full": 0.1}
-# quick: these variants with their default init only, but every init on plain LoRA (the init claims need them)
-QUICK_VARIANTS = ("lora", "gplora", "geolora", "rotational_pissa:way2", "dora", "full", "lora+loraplus16")
+# quick: the plain methods (Rotational PiSSA: its default way) and LoRA+, at the default init; plain LoRA at every init
+QUICK_VARIANTS = ("lora+loraplus16",)
 
 
 @dataclass
@@ -79,7 +86,7 @@ def variants(methods: list[str] | None, quick: bool = False) -> list[Variant]:
         if name == "gplora":  # besides its default (every step, moments keep): DESIGN's transport, every step
             out.append(Variant(name, {"moments": "transport", "every": 1}, tag="transport-every1"))
     if quick and not methods:
-        out = [v for v in out if v.label in QUICK_VARIANTS]
+        out = [v for v in out if v.label in QUICK_VARIANTS or v.label in (v.method, default_rotational())]
     if methods:  # "rotational_pissa:way2" or "lora+precond_adamw" pick one variant, "lora" its plain one
         exact = [v for v in out if v.label in methods]
         out = exact + [v for v in out if v.method in methods and v.label not in methods
@@ -113,12 +120,20 @@ def applicable(v: Variant, init: str) -> str | None:
     return None
 
 
+def default_init_only(v: Variant, s: Settings, methods) -> bool:
+    """The optimizer variants (another optimizer, LoRA+, GP-LoRA's transport) run at the default init only; with
+    --quick (and no --methods) every cell but plain LoRA does."""
+    if s.quick and not methods:
+        return v.label != "lora"
+    return v.optimizer != "adamw" or bool(v.train) or v.tag is not None
+
+
 def cells(s: Settings, methods, inits) -> tuple[list[tuple[Variant, str]], dict]:
     """(variant, init) pairs to run, and {(label, reason): [inits]} of those that do not apply."""
     run, skipped = [], {}
     for v in variants(methods, s.quick):
         for init in init_names(inits):
-            if s.quick and not methods and init != "default" and v.label != "lora":
+            if init != "default" and not inits and default_init_only(v, s, methods):
                 continue
             why = applicable(v, init)
             if why:
@@ -203,12 +218,16 @@ def score(s: Settings, source: list[str], out: Path) -> dict:
 
 
 def language_result(s: Settings, run: Run, summary: dict) -> dict:
-    acc = score(s, ["--run_dir", str(work_dir(s, run))], work_dir(s, run) / "eval")
+    """The run's summary figures, and (final stage only: selection ranks by eval loss) its test accuracy."""
+    row = {"steps": summary["steps"], "initial_eval_loss": summary["initial_eval_loss"],
+           "final_eval_loss": summary["final_eval_loss"], "final_train_loss": summary["final_train_loss"],
+           "trainable_params": summary["trainable_params"], "train_s": summary["train_time_s"]}
+    if run.stage == "final":
+        acc = score(s, ["--run_dir", str(work_dir(s, run))], work_dir(s, run) / "eval")
+        row.update(accuracy_strict=acc["accuracy_strict"], accuracy_flexible=acc["accuracy_flexible"],
+                   n_scored=acc["n"])
     shutil.rmtree(work_dir(s, run) / "checkpoint", ignore_errors=True)  # the result is stored; the state is not needed
-    return {"steps": summary["steps"], "initial_eval_loss": summary["initial_eval_loss"],
-            "final_eval_loss": summary["final_eval_loss"], "final_train_loss": summary["final_train_loss"],
-            "accuracy_strict": acc["accuracy_strict"], "accuracy_flexible": acc["accuracy_flexible"],
-            "n_scored": acc["n"], "trainable_params": summary["trainable_params"], "train_s": summary["train_time_s"]}
+    return row
 
 
 def execute(s: Settings, run: Run, v: Variant) -> dict:
@@ -267,8 +286,9 @@ def _worker(args):
         return {"error": f"{type(e).__name__}: {str(e)[:300]}", "label": run.label, "init": run.init}
 
 
-def run_stage(s: Settings, todo: list[tuple[Run, Variant]]) -> tuple[list[dict], list[str]]:
-    """Results of every run in todo (stored ones read back), and the failures. --jobs > 1: spawned processes."""
+def run_stage(s: Settings, todo: list[tuple[Run, Variant]]) -> tuple[list[dict], list[str], int]:
+    """Results of every run in todo (stored ones read back), the failures, and how many ran now. --jobs > 1: spawned
+    processes."""
     have, missing = [], []
     for run, v in todo:
         p = result_path(s, run)
@@ -305,7 +325,7 @@ def run_stage(s: Settings, todo: list[tuple[Run, Variant]]) -> tuple[list[dict],
     else:
         for i, job in enumerate(jobs, 1):
             done(_worker(job), i)
-    return have, errors
+    return have, errors, len(jobs)
 
 
 def write_sweep(s: Settings, todo: list[tuple[Run, Variant]]) -> None:
@@ -315,12 +335,6 @@ def write_sweep(s: Settings, todo: list[tuple[Run, Variant]]) -> None:
     atomic_write_text(path, "".join(to_line(language_overrides(s, v, r)) + "\n" for r, v in todo))
     print(f"lab: {len(todo)} language runs to train -> {path}; submit, then rerun this command when they finished:\n"
           f"  sbatch --array=0-{len(todo) - 1} slurm/array.sbatch {path}", flush=True)
-
-
-def select_metric(row: dict, s: Settings) -> tuple:
-    if row["part"] == "regression":  # a run that missed the target counts as steps + 1, then the final loss decides
-        return (row["steps_to_target"] or s.reg_steps + 1, math.log(max(row["final_loss"], 1e-30)))
-    return (row["final_eval_loss"],)
 
 
 def choose_rates(s: Settings, rows: list[dict]) -> dict:
@@ -334,34 +348,34 @@ def choose_rates(s: Settings, rows: list[dict]) -> dict:
 
 
 def lab(s: Settings, methods=None, inits=None) -> dict:
+    start = time.time()
     plan, skipped = cells(s, methods, inits)
     if not plan:
         raise SystemExit(f"no method x init to run for {methods} x {inits}; registered: {METHODS.names()}")
     vmap = {v.label: v for v, _ in plan}
     select = [(Run(p, v.label, i, lr, SELECT_SEED0 + k, "select"), v) for p in s.parts for v, i in plan
               for lr in lr_grid(s, p, v) for k in range(s.select_seeds)]
-    sel_rows, errors = run_stage(s, select)
+    sel_rows, errors, ran = run_stage(s, select)
     if s.slurm and any(not result_path(s, r).exists() for r, _ in select):
         return {"pending": "select"}
     rates = choose_rates(s, sel_rows)
     final = [(Run(p, label, i, lr, k, "final"), vmap[label]) for (p, label, i), lr in rates.items()
              for k in range(s.final_seeds)]
-    fin_rows, errors2 = run_stage(s, final)
+    fin_rows, errors2, ran2 = run_stage(s, final)
     if s.slurm and any(not result_path(s, r).exists() for r, _ in final):
         return {"pending": "final"}
     base = base_model_row(s) if "language" in s.parts else None
-    from .lab_report import write_report
-
-    return write_report(s, sel_rows, fin_rows, base, rates, skipped, errors + errors2)
+    work = {"runs": len(select) + len(final), "ran_now": ran + ran2, "wall_s": round(time.time() - start, 1),
+            "dataset": dataset_cfg(s)[1]}
+    return write_report(s, sel_rows, fin_rows, base, rates, skipped, errors + errors2, work)
 
 
 # ---- the command -------------------------------------------------------------------------------------------------------
 def settings(a) -> Settings:
     s = Settings(out=a.outdir, quick=a.quick, parts=tuple(a.parts), dataset=a.dataset, jobs=a.jobs,
                  threads=a.threads, slurm=a.slurm)
-    if a.quick:  # quick: 3 rates, 1 selection seed, 3 final seeds, fewer steps and fewer scored examples
+    if a.quick:  # fewer cells (cells()), 4 of the 5 rates, 1 selection seed, 3 final seeds; the same runs
         s.lr_factors, s.select_seeds, s.final_seeds = (1 / 3, 1.0, 10 / 3, 10.0), 1, 3
-        s.reg_steps, s.lm_steps, s.eval_samples, s.score_limit = 200, 64, 128, 128
     for k in ("select_seeds", "final_seeds", "reg_steps", "lm_steps", "score_limit", "target"):
         if getattr(a, k) is not None:
             setattr(s, k, getattr(a, k))
@@ -375,7 +389,7 @@ def settings(a) -> Settings:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m peftlab.lab", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="4 rates, 1 selection + 3 final seeds, shorter runs")
+    ap.add_argument("--quick", action="store_true", help="fewer cells, 4 rates, 1 selection + 3 final seeds")
     ap.add_argument("-o", "--outdir", type=Path, default=Path("bench/results/lab"))
     ap.add_argument("--methods", nargs="*", help="registered method names or variant labels (default: all)")
     ap.add_argument("--inits", nargs="*", help="default gaussian pissa LoRA-GA LoRA-One LoRA-FA (default: all)")
@@ -389,9 +403,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--select-seeds", type=int, help="selection seeds per rate (default 2, quick 1)")
     ap.add_argument("--final-seeds", type=int, help="fresh seeds at the chosen rate (default 5, quick 3)")
     ap.add_argument("--allow-few-seeds", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--reg-steps", type=int, help="regression steps (default 400, quick 200)")
-    ap.add_argument("--lm-steps", type=int, help="language optimizer steps (default: the run default, quick 64)")
-    ap.add_argument("--score-limit", type=int, help="test examples scored (default 256, quick 128)")
+    ap.add_argument("--reg-steps", type=int, help="regression steps (default 400)")
+    ap.add_argument("--lm-steps", type=int, help="language optimizer steps (default: the run default)")
+    ap.add_argument("--score-limit", type=int, help="test examples scored (default 256)")
     ap.add_argument("--target", type=float, help="regression target: loss <= target x L(W0) (default 0.01)")
     a = ap.parse_args(argv)
     if a.jobs < 1 or a.threads < 1:

@@ -91,10 +91,10 @@ def mse(model: nn.Module, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def full_loss(layer, task: Regression) -> float:
+def full_loss(model: nn.Module, task: Regression) -> float:
     """The full-data MSE in closed form: mean((E x)^2) = tr(E Sigma E^T) / d_out with E = W_eff - W0 - dW*
     (the targets are noiseless), far cheaper than a pass over the data at every step."""
-    E = effective_change(layer, task.W0) - task.dW
+    E = effective_change(model, task.W0) - task.dW
     return float(((E @ task.sigma) * E).sum() / E.shape[0])
 
 
@@ -167,14 +167,25 @@ def apply_gradient_init(layer, G: torch.Tensor, sigma: torch.Tensor, ic) -> None
 
 
 def init_alignment(layer, task: Regression) -> tuple[float, float]:
-    """(column, row) alignment of the init's factors with dW*; a zero B has no column space (nan)."""
+    """(column, row) alignment of the init's factors with dW*; a zero B has no column space (nan); nan for full
+    fine-tuning (no layer, no factors)."""
+    if layer is None:
+        return float("nan"), float("nan")
     A, B = layer.lora_factors()
     return alignment(B, task.U), alignment(A.T, task.V)
 
 
-def effective_change(layer, W0: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return layer.base.weight.float() + layer.delta_weight() - W0
+def adapted_layer(model: nn.Module):
+    """The adapter layer on `proj`; None for method=full, which trains proj.weight itself."""
+    return adapter_layers(model).get("proj")
+
+
+@torch.no_grad()
+def effective_change(model: nn.Module, W0: torch.Tensor) -> torch.Tensor:
+    layer = adapted_layer(model)
+    if layer is None:
+        return model.proj.weight.float() - W0
+    return layer.base.weight.float() + layer.delta_weight() - W0
 
 
 def run_regression(v: Variant, init: str, seed: int, steps: int, target: float, r: int = 8, alpha: float = 16,
@@ -192,19 +203,18 @@ def run_regression(v: Variant, init: str, seed: int, steps: int, target: float, 
                              "use_rslora": False})
     spec = get_method(v.method)
     layers = apply_adapters(model, peft, cfg.method, v.method)
-    layer = layers["proj"]
     if init in GRADIENT_DIRECTIONS:
         lora_factor_layers(InitContext(model, layers, cfg), init)  # raises as the registered init would
+        layer = layers["proj"]
         apply_gradient_init(layer, regression_gradient(model, layer, task), task.sigma, cfg.init)
     else:
         get_init(init).run(InitContext(model, layers, cfg))
-        layer = adapter_layers(model)["proj"]
-    col_align, row_align = init_alignment(layer, task)
+    col_align, row_align = init_alignment(adapted_layer(model), task)
     params = [p for p in model.parameters() if p.requires_grad]
     options = spec.parse(cfg.method)
     optimizer = build_optimizer(cfg, spec, options, model, params)
     base_loss = float(((task.dW @ task.sigma) * task.dW).sum() / task.dW.shape[0])  # the loss at W0
-    start_loss = full_loss(layer, task)
+    start_loss = full_loss(model, task)
     g = torch.Generator().manual_seed(seed + 1)
     curve, reached = [start_loss / base_loss], None
     for step in range(1, steps + 1):
@@ -216,23 +226,24 @@ def run_regression(v: Variant, init: str, seed: int, steps: int, target: float, 
         loss.backward()
         optimizer_step(optimizer, max_grad_norm=cfg.train.max_grad_norm, spec=spec, model=model, options=options,
                        step=step)  # the trainer's update order
-        curve.append(full_loss(adapter_layers(model)["proj"], task) / base_loss)
+        curve.append(full_loss(model, task) / base_loss)
         if reached is None and curve[-1] <= target:
             reached = step
-    layer = adapter_layers(model)["proj"]
-    change = effective_change(layer, task.W0)
+    layer = adapted_layer(model)
+    change = effective_change(model, task.W0)
     sv = torch.linalg.svdvals(change.double())
     return {"method": v.label, "init": init, "seed": seed, "steps_to_target": reached,
             "init_loss": curve[0], "final_loss": curve[-1],
             "weight_error": float(torch.linalg.norm(change - task.dW) / torch.linalg.norm(task.dW)),
             "col_alignment": col_align, "row_alignment": row_align,
             "learned_rank": int((sv > 1e-2 * sv[0]).sum()) if sv[0] > 0 else 0,
-            "adapter_rank": getattr(layer, "rank", None), "params": active_params(layer), "lr": lr, "curve": curve}
+            "adapter_rank": getattr(layer, "rank", None), "params": active_params(model), "lr": lr, "curve": curve}
 
 
-def active_params(layer) -> int:
+def active_params(model: nn.Module) -> int:
     """Parameters the adapter uses at the end: GeoLoRA's live U, S, V (not its storage capacity), else the trainable
-    ones (LoRA: r (d_in + d_out))."""
+    ones (LoRA: r (d_in + d_out); full fine-tuning: d_in d_out)."""
+    layer = adapted_layer(model)
     if hasattr(layer, "active_params"):
         return int(layer.active_params())
-    return sum(p.numel() for p in layer.parameters() if p.requires_grad)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -7,6 +7,7 @@ Files in the output folder: lab.md (everything, readable), cells.csv (one row pe
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import platform
 import statistics
@@ -84,9 +85,15 @@ def fmt(st: dict, digits: int) -> str:
     return f"{st['mean']:.{digits}g} [{st['lo']:.{digits}g}, {st['hi']:.{digits}g}]"
 
 
-def selection_lines(sel: list[dict], rates: dict, s) -> list[str]:
-    from .lab import select_metric
+def select_metric(row: dict, s) -> tuple:
+    """What a rate is chosen by (lower is better): eval loss; regression: steps to target (a miss counts as
+    steps + 1), then the log final loss."""
+    if row["part"] == "regression":
+        return (row["steps_to_target"] or s.reg_steps + 1, math.log(max(row["final_loss"], 1e-30)))
+    return (row["final_eval_loss"],)
 
+
+def selection_lines(sel: list[dict], rates: dict, s) -> list[str]:
     lines = ["| part | method | init | mean selection metric per rate (chosen in bold) |", "| --- | --- | --- | --- |"]
     by: dict = {}
     for r in sel:
@@ -99,7 +106,9 @@ def selection_lines(sel: list[dict], rates: dict, s) -> list[str]:
     return lines
 
 
-def write_report(s, sel_rows, fin_rows, base, rates, skipped, errors) -> dict:
+def write_report(s, sel_rows, fin_rows, base, rates, skipped, errors, work: dict) -> dict:
+    """work: {"runs": planned, "ran_now": run by this invocation (the rest were stored), "wall_s": its wall time,
+    "dataset": the language task's name}."""
     out = s.out
     lang = [r for r in fin_rows if r["part"] == "language"]
     reg = [r for r in fin_rows if r["part"] == "regression"]
@@ -110,8 +119,10 @@ def write_report(s, sel_rows, fin_rows, base, rates, skipped, errors) -> dict:
     meta = {"command": cmd, "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": machine(),
             "final_seeds": s.final_seeds, "select_seeds": s.select_seeds, "lr_factors": list(s.lr_factors),
             "reg_steps": s.reg_steps, "lm_steps": s.lm_steps, "score_limit": s.score_limit,
-            "eval_samples": s.eval_samples, "dataset": s.dataset or "default", "target": s.target}
-    md = ["# peftlab method lab", "", f"`{cmd}`, {meta['date']}, {meta['machine']}.", "",
+            "eval_samples": s.eval_samples, "target": s.target, "jobs": s.jobs, **work}
+    md = ["# peftlab method lab", "", f"`{cmd}`, {meta['date']}, {meta['machine']}; {work['runs']} runs "
+          f"({work['ran_now']} by this invocation, the rest read back), {work['wall_s'] / 60:.1f} min wall with "
+          f"--jobs {s.jobs}.", "",
           f"Each cell (method variant x init) ran at every rate of {', '.join(f'{f:.3g}' for f in s.lr_factors)} x "
           f"its base rate on {s.select_seeds} selection seed(s); the rate with the lowest mean selection metric (eval "
           f"loss; regression: steps to target) then ran on {s.final_seeds} fresh seeds (0..{s.final_seeds - 1}, shared "

@@ -22,7 +22,7 @@ SEED_OVERRIDES = ["++dataset_name=meta_math", "++model.epochs=1", "++model.eval_
 def test_default_composes_with_fallback_groups():
     cfg = resolve_config(compose_cfg())
     assert cfg.model.name == "embedded:tiny-llama" and cfg.method.name == "lora"
-    assert cfg.init.name == "default" and cfg.peft.target_set == "qv" and cfg.dataset.name == "tiny"
+    assert cfg.init.name == "default" and cfg.peft.target_set == "qv" and cfg.dataset.name == "inventory"
     assert cfg.align.name == "none" and OmegaConf.is_readonly(cfg)
 
 

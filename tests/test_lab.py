@@ -144,7 +144,11 @@ def test_lab_language_part_runs_trains_and_scores(tmp_path):
     assert "| lora | default |" in md and "base model" in md
     rows = (tmp_path / "language.csv").read_text().splitlines()
     assert len(rows) == 1 + 4 + 1 + 1  # header, 4 selection rates, the base model, 1 final seed
-    assert "accuracy_flexible" in rows[0]
+    header = rows[0].split(",")
+    assert "accuracy_flexible" in header
+    acc = header.index("accuracy_strict")
+    # selection runs are ranked by eval loss and not scored; the final one is
+    assert [r.split(",")[acc] != "" for r in rows[1:]] == [True, True] + [False] * 4
 
 
 @pytest.mark.slow
@@ -153,3 +157,19 @@ def test_jobs_fan_out_gives_the_same_results_as_one_process(tmp_path):
     lab.main(args + ["-o", str(tmp_path / "one")])
     lab.main(args + ["--jobs", "2", "-o", str(tmp_path / "two")])
     assert (tmp_path / "one" / "cells.csv").read_text() == (tmp_path / "two" / "cells.csv").read_text()
+
+
+def test_full_fine_tuning_runs_in_the_regression_and_counts_every_weight():
+    r = lab.run_regression(lab.Variant("full"), "default", seed=0, steps=60, target=0.01, lr=1e-2, d_in=16, d_out=12,
+                           n=256)
+    assert r["params"] == 16 * 12 and r["adapter_rank"] is None
+    assert r["col_alignment"] != r["col_alignment"]  # nan: no factors to align
+    assert r["final_loss"] < 0.5 * r["init_loss"]
+
+
+def test_quick_cells_are_a_subset_of_the_full_labs():
+    full = {(v.label, i) for v, i in lab.cells(lab.Settings(out=None), None, None)[0]}
+    quick = {(v.label, i) for v, i in lab.cells(lab.Settings(out=None, quick=True), None, None)[0]}
+    assert quick < full and ("full", "default") in quick and ("dora", "default") in quick
+    assert {i for m, i in quick if m == "lora"} == set(lab.init_names(None))
+    assert ("lora+loraplus16", "LoRA-One") not in full  # optimizer variants: the default init only
