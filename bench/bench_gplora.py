@@ -120,6 +120,13 @@ def embedded_run(folder: Path, overrides: list[str], seed: int, thresholds=(0.3,
                for t in thresholds}}
 
 
+def default_dataset() -> str:
+    """The dataset `python run_exp.py` trains on (conf/config.yaml's dataset_name)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(ROOT / "conf" / "config.yaml").dataset_name
+
+
 def embedded(seeds) -> dict:
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -143,7 +150,7 @@ def main():
     if a.embedded_only:
         write("gplora_embedded", {"task": "python run_exp.py [method=gplora ...] (embedded default, 128 steps), "
                                           "seeds 42, 1, 2; gplora = its defaults (moments keep, guard 0.01)",
-                                  "results": embedded([42, 1, 2])})
+                                  "dataset": default_dataset(), "results": embedded([42, 1, 2])})
         return
     rows = [overhead(r, repeats=3 if a.quick else 5) for r in (8, 16, 32, 64)]
     for row in rows:
@@ -158,7 +165,7 @@ def main():
                                "(151: not reached); guard 0.01, every 1",
                        "results": regression(seeds, (3e-3, 1e-2) if a.quick else (3e-3, 1e-2, 3e-2))},
         "embedded": {"task": "python run_exp.py [method=gplora ...] (embedded default, 128 steps), seeds 42, 1, 2",
-                     "results": embedded([42, 1] if a.quick else [42, 1, 2])},
+                     "dataset": default_dataset(), "results": embedded([42, 1] if a.quick else [42, 1, 2])},
     })
 
 

@@ -79,8 +79,8 @@ def bench_rows(d: dict) -> list[tuple[str, str, str]]:
                                f"({spread(res[f'lora@lr={lr}']['steps_to_0.01'])})" for lr in lrs), "gplora.json"))
     if "gplora_embedded" in d:
         e = d["gplora_embedded"]["results"]
-        rows.append(("final eval loss on the embedded default, 128 steps, 3 seeds (mean, range): LoRA / GP-LoRA "
-                     "moments keep (default) / reset / transport",
+        rows.append((f"final eval loss on the embedded default (dataset {d['gplora_embedded'].get('dataset', 'tiny')}), "
+                     "128 steps, 3 seeds (mean, range): LoRA / GP-LoRA moments keep (default) / reset / transport",
                      " / ".join(f"{g(sum(e[k]['final_eval_loss']) / len(e[k]['final_eval_loss']))} "
                                 f"({spread(e[k]['final_eval_loss'])})"
                                 for k in ("lora", "gplora", "gplora_reset", "gplora_transport")),
@@ -123,7 +123,8 @@ def bench_rows(d: dict) -> list[tuple[str, str, str]]:
                      " / ".join(f"{g(r['speedup_vs_batch_size_1'])}x" for r in runs), "eval.json"))
     if "e2e" in d:
         e = d["e2e"]
-        rows.append((f"end to end, {e['steps']} steps of the default run: HF Trainer + PEFT time / peftlab time "
+        rows.append((f"end to end, {e['steps']} steps of LoRA qv r8 on the embedded tiny Llama and dataset tiny: "
+                     f"HF Trainer + PEFT time / peftlab time "
                      f"(process; training loop)", f"{g(e['hf_vs_peftlab_process_time'])}; "
                                                    f"{g(e['hf_vs_peftlab_loop_time'])}", "e2e.json"))
     if "fsdp" in d:
@@ -160,9 +161,16 @@ def lab_block(lab: Path) -> str:
     if not (lab / "lab.json").exists():
         return "No lab results committed yet (`python -m peftlab.lab`).\n"
     meta = json.loads((lab / "lab.json").read_text())
-    out = [f"`{meta['command']}` ({meta['date']}; {meta['machine']}): each method x init at its own rate "
-           f"(the best of {len(meta['lr_factors'])} rates on {meta['select_seeds']} selection seed(s)), then "
-           f"{meta['final_seeds']} fresh seeds; mean [95% t-interval]. Full tables: `bench/results/lab/lab.md`.", ""]
+    out = [f"`{meta['command']}` ({meta['date']}; {meta['machine']}; language task: dataset "
+           f"`{meta.get('dataset', 'tiny')}`): each method x init at its own rate (the best of a grid of "
+           f"{len(meta['lr_factors'])} rates on {meta['select_seeds']} selection seed(s), widened past an edge where "
+           f"the best lay, up to {meta.get('widen', 0)} times), then {meta['final_seeds']} fresh seeds; mean [95% "
+           f"t-interval]. Full tables: `bench/results/{lab.name}/lab.md`.", ""]
+    quick = lab.parent / f"{lab.name}_quick" / "lab.json"
+    if quick.exists():
+        q = json.loads(quick.read_text())
+        out[0] += (f" Quick mode: `{q['command']} --jobs {q['jobs']}` ran its {q['ran_now']} runs in "
+                   f"{q['wall_s'] / 60:.1f} min on the same machine ({q['date']}; `bench/results/{quick.parent.name}/`).")
     cells = read_csv(lab / "cells.csv")
     metrics = (("final_eval_loss", "eval loss", 4), ("accuracy_strict", "accuracy strict", 3),
                ("accuracy_flexible", "accuracy flexible", 3))

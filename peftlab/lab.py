@@ -9,7 +9,9 @@ scoring (greedy, strict and flexible extraction) on the dataset's test split.
 Stages, each resumable (a run's result is one JSON under <out>/runs/<part>/, written atomically; a rerun does only
 what is missing):
   1. select: each cell (method variant x init) at every rate of a small grid around its base rate, on the selection
-     seeds (1000, 1001, ...); the cell's rate = the lowest mean eval loss (regression: fewest steps to target).
+     seeds (1000, 1001, ...); the cell's rate = the lowest mean eval loss (regression: fewest steps to target). A cell
+     whose best rate lies on an edge of its grid gets the next rate beyond that edge (half-decade steps), up to
+     --widen times, so a chosen rate is a minimum inside the grid wherever the budget allows.
      Selection runs are not scored (the metric is the eval loss).
   2. final: each cell at its chosen rate on fresh seeds (0, 1, ...), shared by all cells so comparisons pair by seed;
      language runs are scored.
@@ -59,6 +61,7 @@ class Settings:
     parts: tuple = ("regression", "language")
     dataset: str | None = None  # conf/dataset/<name>.yaml (None: conf/config.yaml's dataset_name)
     lr_factors: tuple = (0.1, 1 / 3, 1.0, 10 / 3, 10.0)
+    widen: int = 2  # a cell whose best rate is at an edge of its grid gets the next rate beyond it, up to this often
     select_seeds: int = 2
     final_seeds: int = 5
     reg_steps: int = 400
@@ -162,8 +165,15 @@ def base_lr(s: Settings, part: str, v: Variant) -> float:
     return lr * LR_SCALE.get(v.method, 1.0)
 
 
-def lr_grid(s: Settings, part: str, v: Variant) -> list[float]:
-    return [float(f"{base_lr(s, part, v) * f:.3g}") for f in s.lr_factors]
+def rate(s: Settings, part: str, v: Variant, factor: float) -> float:
+    return float(f"{base_lr(s, part, v) * factor:.3g}")
+
+
+def widen(factors: list[float], side: str) -> list[float]:
+    """The grid one step beyond its top or bottom edge, keeping its spacing (half decades: ... 1, 10/3, 10, 100/3)."""
+    if side == "up":
+        return factors + [factors[-2] * 10]
+    return [factors[1] / 10] + factors
 
 
 # ---- one run -----------------------------------------------------------------------------------------------------------
@@ -353,19 +363,32 @@ def lab(s: Settings, methods=None, inits=None) -> dict:
     if not plan:
         raise SystemExit(f"no method x init to run for {methods} x {inits}; registered: {METHODS.names()}")
     vmap = {v.label: v for v, _ in plan}
-    select = [(Run(p, v.label, i, lr, SELECT_SEED0 + k, "select"), v) for p in s.parts for v, i in plan
-              for lr in lr_grid(s, p, v) for k in range(s.select_seeds)]
-    sel_rows, errors, ran = run_stage(s, select)
-    if s.slurm and any(not result_path(s, r).exists() for r, _ in select):
-        return {"pending": "select"}
-    rates = choose_rates(s, sel_rows)
+    grids = {(p, v.label, i): sorted(s.lr_factors) for p in s.parts for v, i in plan}
+    ran = 0
+    for widened in range(s.widen + 1):  # select; then widen the grids whose best rate lies on an edge, and again
+        select = [(Run(p, label, i, rate(s, p, vmap[label], f), SELECT_SEED0 + k, "select"), vmap[label])
+                  for (p, label, i), factors in grids.items() for f in factors for k in range(s.select_seeds)]
+        sel_rows, errors, ran_now = run_stage(s, select)
+        ran += ran_now
+        if s.slurm and any(not result_path(s, r).exists() for r, _ in select):
+            return {"pending": "select"}
+        rates = choose_rates(s, sel_rows)
+        edges = {}
+        for key, factors in grids.items():
+            lrs = [rate(s, key[0], vmap[key[1]], f) for f in factors]
+            if len(factors) > 1 and key in rates and rates[key] in (lrs[0], lrs[-1]):
+                edges[key] = widen(factors, "up" if rates[key] == lrs[-1] else "down")
+        if not edges or widened == s.widen:
+            break
+        print(f"lab: {len(edges)} cell(s) chose a rate at the edge of their grid; widening", flush=True)
+        grids.update(edges)
     final = [(Run(p, label, i, lr, k, "final"), vmap[label]) for (p, label, i), lr in rates.items()
              for k in range(s.final_seeds)]
-    fin_rows, errors2, ran2 = run_stage(s, final)
+    fin_rows, errors2, ran_now = run_stage(s, final)
     if s.slurm and any(not result_path(s, r).exists() for r, _ in final):
         return {"pending": "final"}
     base = base_model_row(s) if "language" in s.parts else None
-    work = {"runs": len(select) + len(final), "ran_now": ran + ran2, "wall_s": round(time.time() - start, 1),
+    work = {"runs": len(select) + len(final), "ran_now": ran + ran_now, "wall_s": round(time.time() - start, 1),
             "dataset": dataset_cfg(s)[1]}
     return write_report(s, sel_rows, fin_rows, base, rates, skipped, errors + errors2, work)
 
@@ -376,7 +399,7 @@ def settings(a) -> Settings:
                  threads=a.threads, slurm=a.slurm)
     if a.quick:  # fewer cells (cells()), 4 of the 5 rates, 1 selection seed, 3 final seeds; the same runs
         s.lr_factors, s.select_seeds, s.final_seeds = (1 / 3, 1.0, 10 / 3, 10.0), 1, 3
-    for k in ("select_seeds", "final_seeds", "reg_steps", "lm_steps", "score_limit", "target"):
+    for k in ("select_seeds", "final_seeds", "reg_steps", "lm_steps", "score_limit", "target", "widen"):
         if getattr(a, k) is not None:
             setattr(s, k, getattr(a, k))
     if a.lr_factors:
@@ -400,6 +423,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--slurm", action="store_true", help="language runs go to a sweep file for slurm/array.sbatch")
     ap.add_argument("--lr-factors", type=float, nargs="+", help="the rate grid, x each method's base rate "
                     "(default 0.1 1/3 1 10/3 10; quick 1/3 1 10/3 10)")
+    ap.add_argument("--widen", type=int, help="times a cell's grid may grow past an edge its best rate lies on "
+                    "(default 2)")
     ap.add_argument("--select-seeds", type=int, help="selection seeds per rate (default 2, quick 1)")
     ap.add_argument("--final-seeds", type=int, help="fresh seeds at the chosen rate (default 5, quick 3)")
     ap.add_argument("--allow-few-seeds", action="store_true", help=argparse.SUPPRESS)

@@ -118,14 +118,16 @@ def write_report(s, sel_rows, fin_rows, base, rates, skipped, errors, work: dict
     cmd = "python -m peftlab.lab" + (" --quick" if s.quick else "")
     meta = {"command": cmd, "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": machine(),
             "final_seeds": s.final_seeds, "select_seeds": s.select_seeds, "lr_factors": list(s.lr_factors),
+            "widen": s.widen,
             "reg_steps": s.reg_steps, "lm_steps": s.lm_steps, "score_limit": s.score_limit,
             "eval_samples": s.eval_samples, "target": s.target, "jobs": s.jobs, **work}
     md = ["# peftlab method lab", "", f"`{cmd}`, {meta['date']}, {meta['machine']}; {work['runs']} runs "
           f"({work['ran_now']} by this invocation, the rest read back), {work['wall_s'] / 60:.1f} min wall with "
           f"--jobs {s.jobs}.", "",
           f"Each cell (method variant x init) ran at every rate of {', '.join(f'{f:.3g}' for f in s.lr_factors)} x "
-          f"its base rate on {s.select_seeds} selection seed(s); the rate with the lowest mean selection metric (eval "
-          f"loss; regression: steps to target) then ran on {s.final_seeds} fresh seeds (0..{s.final_seeds - 1}, shared "
+          f"its base rate on {s.select_seeds} selection seed(s), a grid widened by the next half-decade rate where its "
+          f"best lay on an edge (up to {s.widen} times; each cell's grid is under Rate selection); the rate with the "
+          f"lowest mean selection metric (eval loss; regression: steps to target) then ran on {s.final_seeds} fresh seeds (0..{s.final_seeds - 1}, shared "
           f"by every cell). Figures: mean [95% t-interval] over those seeds.", ""]
     if reg:
         md += ["## Planted low-rank regression", "",

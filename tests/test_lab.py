@@ -138,7 +138,7 @@ def test_unknown_init_is_refused_naming_the_allowed_ones():
 @pytest.mark.slow
 def test_lab_language_part_runs_trains_and_scores(tmp_path):
     lab.main(["--quick", "--methods", "lora", "--inits", "default", "--parts", "language", "--lm-steps", "2",
-              "--score-limit", "4", "--select-seeds", "1", "--final-seeds", "1", "--allow-few-seeds",
+              "--score-limit", "4", "--select-seeds", "1", "--final-seeds", "1", "--allow-few-seeds", "--widen", "0",
               "-o", str(tmp_path)])
     md = (tmp_path / "lab.md").read_text()
     assert "| lora | default |" in md and "base model" in md
@@ -173,3 +173,26 @@ def test_quick_cells_are_a_subset_of_the_full_labs():
     assert quick < full and ("full", "default") in quick and ("dora", "default") in quick
     assert {i for m, i in quick if m == "lora"} == set(lab.init_names(None))
     assert ("lora+loraplus16", "LoRA-One") not in full  # optimizer variants: the default init only
+
+
+def test_a_grid_widens_by_half_decades_past_the_edge_its_best_rate_lies_on():
+    quick = [1 / 3, 1.0, 10 / 3, 10.0]
+    assert lab.widen(quick, "up") == pytest.approx([1 / 3, 1, 10 / 3, 10, 100 / 3])
+    assert lab.widen(quick, "down") == pytest.approx([0.1, 1 / 3, 1, 10 / 3, 10])
+
+
+def test_selection_widens_the_grid_of_a_cell_whose_best_rate_is_an_edge(tmp_path, monkeypatch):
+    """A fake regression whose steps fall with the rate up to 0.3: the grid grows upward until the widening budget
+    is spent, and the chosen rate is the best one probed."""
+    def fake(v, init, seed, steps, target, lr=1e-2, **kw):
+        if steps == 0:
+            return {}
+        return {"steps_to_target": int(100 - 100 * min(lr, 0.3)), "final_loss": 1e-3, "curve": [1.0]}
+
+    monkeypatch.setattr(lab, "run_regression", fake)
+    monkeypatch.setattr(lab, "write_report", lambda s, sel, fin, *a: {"sel": sel, "fin": fin})
+    s = lab.Settings(out=tmp_path, parts=("regression",), lr_factors=(1 / 3, 1.0, 10 / 3, 10.0), select_seeds=1,
+                     final_seeds=3, widen=2)
+    res = lab.lab(s, ["lora"], ["default"])
+    assert sorted({r["lr"] for r in res["sel"]}) == [0.00333, 0.01, 0.0333, 0.1, 0.333, 1.0]
+    assert {r["lr"] for r in res["fin"]} == {0.333}
