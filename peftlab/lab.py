@@ -178,10 +178,16 @@ def widen(factors: list[float], side: str) -> list[float]:
 
 # ---- one run -----------------------------------------------------------------------------------------------------------
 def fingerprint(s: Settings, part: str) -> str:
-    """The settings a run's result depends on besides its key: a changed budget or dataset gets a new folder, so a
-    rerun never mixes results of different settings."""
-    keys = ("reg_steps", "target") if part == "regression" else ("lm_steps", "dataset", "eval_samples", "score_limit")
-    return stable_hash({k: getattr(s, k) for k in keys}, 8)
+    """The settings a run's result depends on besides its key: a changed budget, dataset (the resolved group: a new
+    default dataset counts) or model recipe gets a new folder, so a rerun never mixes results of different settings."""
+    if part == "regression":
+        return stable_hash({k: getattr(s, k) for k in ("reg_steps", "target")}, 8)
+    from omegaconf import OmegaConf
+
+    ds, name = dataset_cfg(s)
+    return stable_hash({"lm_steps": s.lm_steps, "eval_samples": s.eval_samples, "score_limit": s.score_limit,
+                        "dataset": name, "dataset_cfg": OmegaConf.to_container(ds),
+                        "model": OmegaConf.to_container(load_group("model", "tiny"))}, 8)
 
 
 def result_path(s: Settings, run: Run) -> Path:

@@ -196,3 +196,13 @@ def test_selection_widens_the_grid_of_a_cell_whose_best_rate_is_an_edge(tmp_path
     res = lab.lab(s, ["lora"], ["default"])
     assert sorted({r["lr"] for r in res["sel"]}) == [0.00333, 0.01, 0.0333, 0.1, 0.333, 1.0]
     assert {r["lr"] for r in res["fin"]} == {0.333}
+
+
+def test_results_are_keyed_by_the_resolved_dataset_not_the_option():
+    """A stored run on the old default never counts for a new default: the folder names the resolved dataset."""
+    from omegaconf import OmegaConf
+
+    default = OmegaConf.load(lab.CONF_DIR / "config.yaml").dataset_name
+    fp = lambda name: lab.fingerprint(lab.Settings(out=None, dataset=name), "language")
+    assert fp(None) == fp(default)
+    assert len({fp(None), fp("tiny"), fp("inventory")}) == 2
