@@ -130,8 +130,9 @@ class Claims:
             self.chain("LoRA-One beats LoRA-GA beats LoRA", part, [("lora", "LoRA-One"), ("lora", "LoRA-GA"), lora])
             self.compare("PiSSA beats LoRA", part, ("lora", "pissa"), lora)
             if part == "regression" and self.rows[-1]["verdict"] != NOT_RUN:
-                self.rows[-1]["evidence"] += (f"; caveat: PiSSA's adapter must hold W0's top-r part and dW*, a rank "
-                                              f"of r + r* = 8 + {self.r_star} for a generic W0, so the target is out of its reach at rank 8")
+                self.rows[-1]["evidence"] += (f"; caveat: PiSSA's adapter must hold W0's top-r part and dW*, a "
+                                              f"rank of r + r* = 8 + {self.r_star} for a generic W0, so the target is "
+                                              f"out of its reach at rank 8")
         self.compare("GP-LoRA accelerates (steps to a loss target)", "regression", ("gplora", "default"), lora)
         self.compare("GP-LoRA ends lower", "language", ("gplora", "default"), lora)
         self.geolora()

@@ -3,9 +3,10 @@
 y = (W0 + dW*) x with dW* = U* diag(s) V*^T of planted rank r*, inputs x ~ N(0, Sigma) with an anisotropic Sigma
 (eigenvalues log-spaced over `anisotropy`^2, random eigenbasis), so that the gradient G = -(2/d_out) dW* Sigma has a
 row space tilted away from V*: LoRA-One's rows follow Sigma V*, LoRA-FA's metric P^(-1/2) undoes the tilt. The model
-is one nn.Linear(W0) adapted by apply_adapters. The step loop below is the lab's own small copy of the trainer's step
-(the method's optimizer, extra_loss, clipping, after_step) on minibatches, because peftlab.train.train runs language
-models only; it stays small until the trainer's step is importable on its own.
+is one nn.Linear(W0) adapted by apply_adapters (method=full: its weight itself trains). The step loop below is the
+lab's own small copy of the trainer's step (the method's optimizer, extra_loss, clipping, after_step) on minibatches,
+because peftlab.train.train runs language models only; it stays small until the trainer's step is importable on its
+own.
 Measured per run: steps until the full-data loss is <= target x its value at W0; the alignment of the init with dW*
 (mean cos^2 of the principal angles: 1 = the planted subspace is inside, ~k/d = chance); the final relative loss, the
 relative weight error, the rank of the learned change and the adapter's own rank at the end (GeoLoRA adapts it).
