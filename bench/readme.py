@@ -169,8 +169,10 @@ def lab_block(lab: Path) -> str:
     quick = lab.parent / f"{lab.name}_quick" / "lab.json"
     if quick.exists():
         q = json.loads(quick.read_text())
-        out[0] += (f" Quick mode: `{q['command']} --jobs {q['jobs']}` ran its {q['ran_now']} runs in "
-                   f"{q['wall_s'] / 60:.1f} min on the same machine ({q['date']}; `bench/results/{quick.parent.name}/`).")
+        done = [i for i in q["invocations"] if i["ran"]]
+        out[0] += (f" Quick mode: `{q['command']}` ran its {sum(i['ran'] for i in done)} runs in "
+                   f"{sum(i['wall_s'] for i in done) / 60:.1f} min on the same machine with --jobs "
+                   f"{'/'.join(sorted({str(i['jobs']) for i in done}))} (`bench/results/{quick.parent.name}/`).")
     cells = read_csv(lab / "cells.csv")
     metrics = (("final_eval_loss", "eval loss", 4), ("accuracy_strict", "accuracy strict", 3),
                ("accuracy_flexible", "accuracy flexible", 3))

@@ -391,6 +391,9 @@ def lab(s: Settings, methods=None, inits=None) -> dict:
     final = [(Run(p, label, i, lr, k, "final"), vmap[label]) for (p, label, i), lr in rates.items()
              for k in range(s.final_seeds)]
     fin_rows, errors2, ran_now = run_stage(s, final)
+    order = {(v.label, i): n for n, (v, i) in enumerate(plan)}  # tables in the plan's order, not the order run
+    for rows in (sel_rows, fin_rows):
+        rows.sort(key=lambda r: (order.get((r["label"], r["init"]), len(order)), r["part"], r["lr"], r["seed"]))
     if s.slurm and any(not result_path(s, r).exists() for r, _ in final):
         return {"pending": "final"}
     base = base_model_row(s) if "language" in s.parts else None

@@ -7,6 +7,7 @@ Files in the output folder: lab.md (everything, readable), cells.csv (one row pe
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import os
 import platform
@@ -85,6 +86,21 @@ def fmt(st: dict, digits: int) -> str:
     return f"{st['mean']:.{digits}g} [{st['lo']:.{digits}g}, {st['hi']:.{digits}g}]"
 
 
+def invocations(path, meta: dict, now: dict) -> list[dict]:
+    """The invocations that made this lab's runs: the earlier ones recorded in path's lab.json when it holds a lab of
+    the same settings (a resumed lab), then this one unless it ran nothing (it only rewrote the report). A lab.json
+    from before the list had one invocation's date, ran_now, wall_s and jobs."""
+    same = ("command", "final_seeds", "select_seeds", "lr_factors", "widen", "reg_steps", "lm_steps", "score_limit",
+            "eval_samples", "target", "dataset")
+    if path.exists():
+        old = json.loads(path.read_text())
+        if all(old.get(k) == meta[k] for k in same):
+            earlier = old.get("invocations") or [{"date": old["date"], "ran": old["ran_now"],
+                                                  "wall_s": old["wall_s"], "jobs": old["jobs"]}]
+            return earlier + ([now] if now["ran"] else [])
+    return [now]
+
+
 def select_metric(row: dict, s) -> tuple:
     """What a rate is chosen by (lower is better): eval loss; regression: steps to target (a miss counts as
     steps + 1), then the log final loss."""
@@ -118,12 +134,16 @@ def write_report(s, sel_rows, fin_rows, base, rates, skipped, errors, work: dict
     cmd = "python -m peftlab.lab" + (" --quick" if s.quick else "")
     meta = {"command": cmd, "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": machine(),
             "final_seeds": s.final_seeds, "select_seeds": s.select_seeds, "lr_factors": list(s.lr_factors),
-            "widen": s.widen,
-            "reg_steps": s.reg_steps, "lm_steps": s.lm_steps, "score_limit": s.score_limit,
-            "eval_samples": s.eval_samples, "target": s.target, "jobs": s.jobs, **work}
-    md = ["# peftlab method lab", "", f"`{cmd}`, {meta['date']}, {meta['machine']}; {work['runs']} runs "
-          f"({work['ran_now']} by this invocation, the rest read back), {work['wall_s'] / 60:.1f} min wall with "
-          f"--jobs {s.jobs}.", "",
+            "widen": s.widen, "reg_steps": s.reg_steps, "lm_steps": s.lm_steps, "score_limit": s.score_limit,
+            "eval_samples": s.eval_samples, "target": s.target, "dataset": work["dataset"], "runs": work["runs"]}
+    meta["invocations"] = invocations(out / "lab.json", meta, {"date": meta["date"], "ran": work["ran_now"],
+                                                               "wall_s": work["wall_s"], "jobs": s.jobs})
+    ran = sum(i["ran"] for i in meta["invocations"])
+    md = ["# peftlab method lab", "", f"`{cmd}`, {meta['date']}, {meta['machine']}. {work['runs']} runs: {ran} run by "
+          "the invocations " + "; ".join(f"{i['date']} ({i['ran']} runs, {i['wall_s'] / 60:.1f} min wall, --jobs "
+                                          f"{i['jobs']})" for i in meta["invocations"])
+          + (f", {work['runs'] - ran} stored in the folder before (e.g. by a quick lab) and read back." if
+             work["runs"] > ran else "."), "",
           f"Each cell (method variant x init) ran at every rate of {', '.join(f'{f:.3g}' for f in s.lr_factors)} x "
           f"its base rate on {s.select_seeds} selection seed(s), a grid widened by the next half-decade rate where its "
           f"best lay on an edge (up to {s.widen} times; each cell's grid is under Rate selection); the rate with the "
