@@ -161,7 +161,8 @@ def lab_block(lab: Path) -> str:
     if not (lab / "lab.json").exists():
         return "No lab results committed yet (`python -m peftlab.lab`).\n"
     meta = json.loads((lab / "lab.json").read_text())
-    out = [f"`{meta['command']}` ({meta['date']}; {meta['machine']}; language task: dataset "
+    ran = meta.get("invocations") or [meta]  # the date its runs finished, not when the report was last rewritten
+    out = [f"`{meta['command']}` ({ran[-1]['date']}; {meta['machine']}; language task: dataset "
            f"`{meta.get('dataset', 'tiny')}`): each method x init at its own rate (the best of a grid of "
            f"{len(meta['lr_factors'])} rates on {meta['select_seeds']} selection seed(s), widened past an edge where "
            f"the best lay, up to {meta.get('widen', 0)} times), then {meta['final_seeds']} fresh seeds; mean [95% "

@@ -201,15 +201,22 @@ def plot(out, stats: list[dict]) -> str | None:
         rows = [x for x in stats if x["part"] == part]
         if not rows:
             continue
-        fig, axes = plt.subplots(1, len(keys), figsize=(12, 4))
-        for ax, key in zip(axes, keys):
+        cells = len({(x["method"], x["init"]) for x in rows})
+        fig, axes = plt.subplots(1, len(keys), figsize=(12, 1.5 + 0.28 * cells), sharey=True)
+        for ax, key in zip(axes, keys):  # one horizontal bar per cell, top to bottom in the tables' order
             sel = [x for x in rows if x["metric"] == key and x["n"] > 0]
-            err = [[0 if x["lo"] != x["lo"] else x["mean"] - x["lo"] for x in sel],
+            # a t-interval can reach below 0; the bar's whisker stops at the axis on a log scale
+            err = [[0 if x["lo"] != x["lo"] else x["mean"] - max(x["lo"], x["mean"] * 1e-3 if key.endswith("loss")
+                                                                  else x["lo"]) for x in sel],
                    [0 if x["hi"] != x["hi"] else x["hi"] - x["mean"] for x in sel]]
-            ax.bar(range(len(sel)), [x["mean"] for x in sel], yerr=err, capsize=3)
-            ax.set_xticks(range(len(sel)), [f"{x['method']}\n{x['init']}" for x in sel], rotation=60, fontsize=7,
-                          ha="right")
+            y = list(range(len(sel)))[::-1]
+            ax.barh(y, [x["mean"] for x in sel], xerr=err, capsize=2, height=0.7)
+            ax.set_yticks(y, [x["method"] if x["init"] == "-" else f"{x['method']} x {x['init']}" for x in sel],
+                          fontsize=7)
+            if key.endswith("loss"):  # the base model's loss is ~100x the adapted ones'
+                ax.set_xscale("log")
             ax.set_title(f"{sel[0]['name'] if sel else key} (mean, 95% CI)", fontsize=9)
+            ax.grid(axis="x", alpha=0.3)
         fig.tight_layout()
         save_figure(fig, out / f"{part}.png", dpi=110)
         plt.close(fig)
