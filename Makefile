@@ -21,7 +21,7 @@ test-slow: .installed     # the slow end-to-end tests (subprocess runs, 2 proces
 bench: .installed
 	$(PYTHON) -m bench.run_all
 
-lab: .installed           # the method lab (`--jobs 2` on 2 cores: about an hour; `python -m peftlab.lab --quick --jobs 2`: about 10 min)
+lab: .installed           # the method lab (`--jobs 2`: ~40 min on 2 cores; `python -m peftlab.lab --quick --jobs 2`: ~10 min)
 	$(PYTHON) -m peftlab.lab
 
 readme:                   # rewrite the README's generated figures from bench/results
