@@ -182,4 +182,8 @@ def test_killed_run_resumes_and_two_processes_equal_one(tmp_path, method):
         got = adapter_tensors(tmp_path / other)
         assert set(got) == set(ref), other
         for k in ref:
-            torch.testing.assert_close(got[k], ref[k], rtol=tol, atol=1e-6, msg=f"{other} {k}")
+            # two processes sum the gradient in another order; Adam lifts that rounding on near-zero entries (GeoLoRA
+            # on `inventory`: 7.5e-6 on a B whose largest entry is 0.45), so the absolute part scales with the tensor;
+            # a real difference (a shard's gradient lost or doubled) moves entries by the scale
+            atol = 1e-6 if other == "killed" else tol * float(ref[k].abs().max())
+            torch.testing.assert_close(got[k], ref[k], rtol=tol, atol=atol, msg=f"{other} {k}")
