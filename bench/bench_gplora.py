@@ -31,6 +31,7 @@ from omegaconf import OmegaConf
 from bench.common import interleaved_times, llama, write
 from bench.regression import adapted_model, make_task
 from peftlab.adapters import adapter_layers, apply_adapters
+from peftlab.config import default_dataset_name
 from peftlab.optim.gauge import gauge_project_model, transport_moments_
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,13 +121,6 @@ def embedded_run(folder: Path, overrides: list[str], seed: int, thresholds=(0.3,
                for t in thresholds}}
 
 
-def default_dataset() -> str:
-    """The dataset `python run_exp.py` trains on (conf/config.yaml's dataset_name)."""
-    from omegaconf import OmegaConf
-
-    return OmegaConf.load(ROOT / "conf" / "config.yaml").dataset_name
-
-
 def embedded(seeds) -> dict:
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,7 +144,7 @@ def main():
     if a.embedded_only:
         write("gplora_embedded", {"task": "python run_exp.py [method=gplora ...] (embedded default, 128 steps), "
                                           "seeds 42, 1, 2; gplora = its defaults (moments keep, guard 0.01)",
-                                  "dataset": default_dataset(), "results": embedded([42, 1, 2])})
+                                  "dataset": default_dataset_name(), "results": embedded([42, 1, 2])})
         return
     rows = [overhead(r, repeats=3 if a.quick else 5) for r in (8, 16, 32, 64)]
     for row in rows:
@@ -165,7 +159,8 @@ def main():
                                "(151: not reached); guard 0.01, every 1",
                        "results": regression(seeds, (3e-3, 1e-2) if a.quick else (3e-3, 1e-2, 3e-2))},
         "embedded": {"task": "python run_exp.py [method=gplora ...] (embedded default, 128 steps), seeds 42, 1, 2",
-                     "dataset": default_dataset(), "results": embedded([42, 1] if a.quick else [42, 1, 2])},
+                     "dataset": default_dataset_name(),
+                     "results": embedded([42, 1] if a.quick else [42, 1, 2])},
     })
 
 

@@ -79,8 +79,9 @@ def bench_rows(d: dict) -> list[tuple[str, str, str]]:
                                f"({spread(res[f'lora@lr={lr}']['steps_to_0.01'])})" for lr in lrs), "gplora.json"))
     if "gplora_embedded" in d:
         e = d["gplora_embedded"]["results"]
-        rows.append((f"final eval loss on the embedded default (dataset {d['gplora_embedded'].get('dataset', 'tiny')}), "
-                     "128 steps, 3 seeds (mean, range): LoRA / GP-LoRA moments keep (default) / reset / transport",
+        dataset = d["gplora_embedded"].get("dataset", "tiny")
+        rows.append((f"final eval loss on the embedded default (dataset {dataset}), 128 steps, 3 seeds (mean, "
+                     "range): LoRA / GP-LoRA moments keep (default) / reset / transport",
                      " / ".join(f"{g(sum(e[k]['final_eval_loss']) / len(e[k]['final_eval_loss']))} "
                                 f"({spread(e[k]['final_eval_loss'])})"
                                 for k in ("lora", "gplora", "gplora_reset", "gplora_transport")),

@@ -174,6 +174,11 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
+def default_dataset_name() -> str:
+    """The dataset a run trains on when no override names one (conf/config.yaml's dataset_name)."""
+    return OmegaConf.load(CONF_DIR / "config.yaml").dataset_name
+
+
 def load_group(group: str, name: str) -> DictConfig:
     path = CONF_DIR / group / f"{name}.yaml"
     if not path.is_file():

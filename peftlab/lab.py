@@ -29,6 +29,7 @@ name (claims about methods not registered yet are listed as "not run").
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import statistics
@@ -40,7 +41,7 @@ from pathlib import Path
 import torch
 
 from .adapters import METHODS
-from .config import CONF_DIR, load_group
+from .config import default_dataset_name, load_group
 from .lab_claims import default_rotational
 from .lab_report import select_metric, write_report
 from .lab_regression import (GRADIENT_DIRECTIONS, Variant, alignment, init_overrides, make_regression,  # noqa: F401
@@ -182,10 +183,15 @@ def fingerprint(s: Settings, part: str) -> str:
     default dataset counts) or model recipe gets a new folder, so a rerun never mixes results of different settings."""
     if part == "regression":
         return stable_hash({k: getattr(s, k) for k in ("reg_steps", "target")}, 8)
+    return language_fingerprint(s.lm_steps, s.eval_samples, s.score_limit, s.dataset)
+
+
+@functools.lru_cache(maxsize=None)  # every result path asks; the config files it reads do not change during a lab
+def language_fingerprint(lm_steps, eval_samples, score_limit, dataset) -> str:
     from omegaconf import OmegaConf
 
-    ds, name = dataset_cfg(s)
-    return stable_hash({"lm_steps": s.lm_steps, "eval_samples": s.eval_samples, "score_limit": s.score_limit,
+    ds, name = dataset_cfg(Settings(out=None, dataset=dataset))
+    return stable_hash({"lm_steps": lm_steps, "eval_samples": eval_samples, "score_limit": score_limit,
                         "dataset": name, "dataset_cfg": OmegaConf.to_container(ds),
                         "model": OmegaConf.to_container(load_group("model", "tiny"))}, 8)
 
@@ -199,9 +205,7 @@ def work_dir(s: Settings, run: Run) -> Path:
 
 
 def dataset_cfg(s: Settings):
-    from omegaconf import OmegaConf
-
-    name = s.dataset or OmegaConf.load(CONF_DIR / "config.yaml").dataset_name
+    name = s.dataset or default_dataset_name()
     return load_group("dataset", name), name
 
 

@@ -147,8 +147,9 @@ def write_report(s, sel_rows, fin_rows, base, rates, skipped, errors, work: dict
           f"Each cell (method variant x init) ran at every rate of {', '.join(f'{f:.3g}' for f in s.lr_factors)} x "
           f"its base rate on {s.select_seeds} selection seed(s), a grid widened by the next half-decade rate where its "
           f"best lay on an edge (up to {s.widen} times; each cell's grid is under Rate selection); the rate with the "
-          f"lowest mean selection metric (eval loss; regression: steps to target) then ran on {s.final_seeds} fresh seeds (0..{s.final_seeds - 1}, shared "
-          f"by every cell). Figures: mean [95% t-interval] over those seeds.", ""]
+          f"lowest mean selection metric (eval loss; regression: steps to target) then ran on {s.final_seeds} fresh "
+          f"seeds (0..{s.final_seeds - 1}, shared by every cell). Figures: mean [95% t-interval] over those seeds.",
+          ""]
     if reg:
         md += ["## Planted low-rank regression", "",
                f"d = 64, planted rank 4, anisotropic inputs, adapter rank 8, {s.reg_steps} steps; target: loss <= "

@@ -200,9 +200,9 @@ def test_selection_widens_the_grid_of_a_cell_whose_best_rate_is_an_edge(tmp_path
 
 def test_results_are_keyed_by_the_resolved_dataset_not_the_option():
     """A stored run on the old default never counts for a new default: the folder names the resolved dataset."""
-    from omegaconf import OmegaConf
+    from peftlab.config import default_dataset_name
 
-    default = OmegaConf.load(lab.CONF_DIR / "config.yaml").dataset_name
+    default = default_dataset_name()
     fp = lambda name: lab.fingerprint(lab.Settings(out=None, dataset=name), "language")
     assert fp(None) == fp(default)
     assert len({fp(None), fp("tiny"), fp("inventory")}) == 2

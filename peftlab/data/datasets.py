@@ -30,9 +30,7 @@ def _source(ds_cfg: Any, split: str) -> tuple[str, Path | None]:
     """(description, local file or None) for a dataset config and split."""
     path = str(ds_cfg.path)
     if path.startswith("embedded:"):
-        from .embedded import ensure_dataset
-
-        from .embedded import TASKS
+        from .embedded import TASKS, ensure_dataset
 
         task = path.removeprefix("embedded:")
         if task not in TASKS:

@@ -74,9 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--trust_remote_code", action="store_true")
     d = p.add_argument_group("data")
     d.add_argument("--data", default=None, help="hub dataset (config --data_config), a local .jsonl/.json/.parquet, a "
-                                                "folder with <split>.jsonl, or 'embedded' (arith) or 'embedded:<task>'; default: a run's own data "
-                                                "(its test split), the embedded test set for embedded models, else "
-                                                "openai/gsm8k")
+                                                "folder with <split>.jsonl, or 'embedded' (arith) or "
+                                                "'embedded:<task>'; default: a run's own data (its test split), the "
+                                                "embedded test set for embedded models, else openai/gsm8k")
     d.add_argument("--data_config", default=None, help="default: main (the run's dataset.subset for a run's own data)")
     d.add_argument("--split", default="test")
     d.add_argument("--limit", type=int, default=None, help="score the first N examples")
