@@ -417,6 +417,8 @@ def settings(a) -> Settings:
             setattr(s, k, getattr(a, k))
     if a.lr_factors:
         s.lr_factors = tuple(a.lr_factors)
+    if s.widen < 0:
+        raise SystemExit(f"--widen {s.widen}: the times a grid may grow past an edge (allowed: >= 0; 0 keeps the grid)")
     if s.final_seeds < 3 and not a.allow_few_seeds:
         raise SystemExit(f"--final-seeds {s.final_seeds}: intervals need at least 3 seeds (allowed: >= 3; "
                          f"--allow-few-seeds for a smoke test)")

@@ -206,3 +206,8 @@ def test_results_are_keyed_by_the_resolved_dataset_not_the_option():
     fp = lambda name: lab.fingerprint(lab.Settings(out=None, dataset=name), "language")
     assert fp(None) == fp(default)
     assert len({fp(None), fp("tiny"), fp("inventory")}) == 2
+
+
+def test_a_negative_widening_is_refused_naming_the_flag_and_what_is_allowed():
+    with pytest.raises(SystemExit, match=r"--widen -1: .*allowed: >= 0"):
+        lab.main(["--widen", "-1", "--parts", "regression"])
